@@ -1,0 +1,10 @@
+"""sdvae: the Stable-Diffusion-family AutoencoderKL on plain PyTorch, numerically equal to diffusers."""
+
+from .config import VaeConfig
+from .decoder import VaeDecoder
+from .distribution import DiagonalGaussian
+from .encoder import VaeEncoder
+from .loading import load_decoder, load_encoder
+from .weights import DropReport
+
+__all__ = ["VaeConfig", "VaeEncoder", "VaeDecoder", "DiagonalGaussian", "DropReport", "load_encoder", "load_decoder"]

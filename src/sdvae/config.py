@@ -1,0 +1,176 @@
+"""`VaeConfig`: one dataclass for both halves of an AutoencoderKL, with diffusers' field names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Keys diffusers writes into an AutoencoderKL config.json that carry no architecture (bookkeeping).
+_BOOKKEEPING_PREFIX = "_"
+_SUPPORTED_VALUES = {
+    "down_block_types": "DownEncoderBlock2D",
+    "up_block_types": "UpDecoderBlock2D",
+    "act_fn": "silu",
+}
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """Architecture and latent scaling of a Stable-Diffusion-family VAE (diffusers `AutoencoderKL` config)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    force_upcast: bool = True
+    sample_size: int = 512
+    family: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if isinstance(self.sample_size, (list, tuple)):
+            object.__setattr__(self, "sample_size", int(self.sample_size[0]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot build a working VAE."""
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"VaeConfig.{name} must be a positive int, got {value!r}")
+        boc = self.block_out_channels
+        if not boc or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in boc):
+            raise ValueError(f"VaeConfig.block_out_channels must be a non-empty tuple of positive ints, got {boc!r}")
+        for c in boc:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"VaeConfig.block_out_channels entry {c} is not divisible by norm_num_groups={self.norm_num_groups}"
+                )
+        if not isinstance(self.scaling_factor, (int, float)) or isinstance(self.scaling_factor, bool) \
+                or self.scaling_factor == 0:
+            raise ValueError(f"VaeConfig.scaling_factor must be a non-zero number, got {self.scaling_factor!r}")
+        if self.shift_factor is not None and not isinstance(self.shift_factor, (int, float)):
+            raise ValueError(f"VaeConfig.shift_factor must be a number or None, got {self.shift_factor!r}")
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ValueError("VaeConfig.latents_mean and latents_std must be given together")
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.latent_channels:
+                raise ValueError(
+                    f"VaeConfig.{name} has {len(value)} entries, expected latent_channels={self.latent_channels}"
+                )
+        if self.latents_std is not None and any(s == 0 for s in self.latents_std):
+            raise ValueError(f"VaeConfig.latents_std must not contain zeros, got {self.latents_std!r}")
+        for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VaeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent pixel along each axis (8 for every known family)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def replace(self, **changes: Any) -> VaeConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> VaeConfig:
+        """The config of a known family: one of `PRESETS` (sd15, sd2, sdxl, sd3, flux, playground, cogview)."""
+        try:
+            return PRESETS[name.lower()]
+        except KeyError:
+            raise ValueError(f"unknown VAE family {name!r}; known: {', '.join(PRESETS)}") from None
+
+    @classmethod
+    def from_diffusers(cls, source: dict[str, Any] | str | Path) -> VaeConfig:
+        """Build from a diffusers AutoencoderKL `config.json` (a dict, the file, or its folder)."""
+        if not isinstance(source, dict):
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            try:
+                source = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: cannot read a diffusers config: {e}") from e
+            if not isinstance(source, dict):
+                raise ValueError(f"{path}: a diffusers config must be a JSON object")
+        class_name = source.get("_class_name", "AutoencoderKL")
+        if class_name != "AutoencoderKL":
+            raise ValueError(f"config is for {class_name!r}; sdvae implements AutoencoderKL only")
+        known = {f.name for f in dataclasses.fields(cls)} - {"family"}
+        kwargs: dict[str, Any] = {}
+        for key, value in source.items():
+            if key.startswith(_BOOKKEEPING_PREFIX):
+                continue
+            if key in _SUPPORTED_VALUES:
+                wanted = _SUPPORTED_VALUES[key]
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if any(v != wanted for v in values):
+                    raise ValueError(f"config {key}={value!r} is not supported; sdvae implements {wanted!r} only")
+                continue
+            if key not in known:
+                raise ValueError(f"config key {key!r} is not an AutoencoderKL setting sdvae knows")
+            kwargs[key] = value
+        for key in ("down_block_types", "up_block_types"):
+            blocks = source.get(key)
+            n = len(kwargs.get("block_out_channels", cls.block_out_channels))
+            if blocks is not None and len(blocks) != n:
+                raise ValueError(f"config {key} has {len(blocks)} entries but block_out_channels has {n}")
+        return cls(**kwargs)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers `config.json` dict for this config."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "family"}
+        n = len(self.block_out_channels)
+        out.update(
+            _class_name="AutoencoderKL",
+            act_fn="silu",
+            down_block_types=["DownEncoderBlock2D"] * n,
+            up_block_types=["UpDecoderBlock2D"] * n,
+            block_out_channels=list(self.block_out_channels),
+        )
+        for key in ("latents_mean", "latents_std"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+
+PRESETS: dict[str, VaeConfig] = {
+    "sd15": VaeConfig(family="sd15"),
+    "sd2": VaeConfig(sample_size=768, family="sd2"),
+    "sdxl": VaeConfig(scaling_factor=0.13025, sample_size=1024, family="sdxl"),
+    "sd3": VaeConfig(
+        latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False, sample_size=1024, family="sd3",
+    ),
+    "flux": VaeConfig(
+        latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False, sample_size=1024, family="flux",
+    ),
+    "playground": VaeConfig(
+        scaling_factor=0.5, latents_mean=(-1.6574, 1.886, -1.383, 2.5155),
+        latents_std=(8.4927, 5.9022, 6.5498, 5.2299), sample_size=1024, family="playground",
+    ),
+    "cogview": VaeConfig(
+        latent_channels=16, block_out_channels=(128, 512, 1024, 1024), layers_per_block=3,
+        scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False, sample_size=1024, family="cogview",
+    ),
+}

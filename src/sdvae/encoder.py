@@ -1,0 +1,79 @@
+"""`VaeEncoder`: images `[B, C, H, W]` in [-1, 1] to the diagonal Gaussian over latents, as diffusers computes it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .config import VaeConfig
+from .distribution import DiagonalGaussian
+from .layers import DownBlock, MidBlock, group_norm, norm_silu
+from .module import VaeModule
+from .scaling import scale_latents
+
+
+class Encoder(nn.Module):
+    """conv_in, down blocks (each but the last halves H and W), mid block, GroupNorm+SiLU, conv_out to 2L."""
+
+    def __init__(self, config: VaeConfig):
+        super().__init__()
+        boc, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.in_channels, boc[0], 3, padding=1)
+        widths = [boc[0], *boc]
+        self.down_blocks = nn.ModuleList(
+            DownBlock(widths[i], widths[i + 1], config.layers_per_block, groups, downsample=i < len(boc) - 1)
+            for i in range(len(boc))
+        )
+        self.mid_block = MidBlock(boc[-1], groups, config.mid_block_add_attention)
+        self.conv_norm_out = group_norm(boc[-1], groups)
+        self.conv_out = nn.Conv2d(boc[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
+
+
+class VaeEncoder(VaeModule):
+    """The AutoencoderKL encoder: `encoder.*` then `quant_conv.*` (when the config has one)."""
+
+    def __init__(self, config: VaeConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        n = 2 * config.latent_channels
+        self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
+
+    def _params(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        return h if self.quant_conv is None else self.quant_conv(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw distribution parameters `[B, 2L, H/8, W/8]` (mean and logvar stacked on channels, unclamped)."""
+        x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
+        return self._guarded(self._params, x)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """The latent distribution of each image: `.mean`, `.logvar` (clamped), `.std`, `.mode()`, `.sample()`."""
+        return DiagonalGaussian(self(x))
+
+    def encode_with_scaling(self, x: torch.Tensor, seed: int | Sequence[int] | None = None,
+                            generator: torch.Generator | list[torch.Generator] | None = None,
+                            mode: bool = False) -> torch.Tensor:
+        """Latents ready for a diffusion model: `(z - shift_factor) * scaling_factor`.
+
+        `z` is a sample (seeded per image with `seed`, or drawn from `generator` as diffusers does) or, with
+        `mode=True`, the mean.
+        """
+        dist = self.encode(x)
+        if mode:
+            if seed is not None or generator is not None:
+                raise ValueError("mode=True takes no seed or generator: it returns the mean")
+            z = dist.mode()
+        else:
+            z = dist.sample(generator, seed=seed)
+        return scale_latents(z, self.config)

@@ -1,0 +1,127 @@
+"""The building blocks shared by encoder and decoder; attribute names equal diffusers' state-dict keys."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP_NORM_EPS = 1e-6
+
+
+def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, num_channels, eps=GROUP_NORM_EPS)
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)): the pair that opens every resnet branch and closes both halves."""
+    return F.silu(norm(x))
+
+
+class ResnetBlock(nn.Module):
+    """`shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`; the shortcut is a 1x1 conv when widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with a GroupNorm in front and a residual around it."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)
+        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        out = self.to_out[0](out)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MidBlock(nn.Module):
+    """Resnet, Attention (unless disabled), Resnet, all at the deepest width."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)] if add_attention else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right and bottom by one, then a stride-2 3x3 conv: output floor(H/2) x floor(W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def resnet_stack(in_channels: int, out_channels: int, num_layers: int, groups: int) -> nn.ModuleList:
+    """`num_layers` resnets, the first changing the width from `in_channels` to `out_channels`."""
+    widths = [in_channels] + [out_channels] * num_layers
+    return nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(widths, widths[1:]))
+
+
+class DownBlock(nn.Module):
+    """`num_layers` resnets, then an optional Downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups)
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in (*self.resnets, *self.downsamplers):
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """`num_layers` resnets, then an optional Upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x)
+        return x

@@ -1,0 +1,307 @@
+"""Find a VAE in whatever a user has on disk (or in the Hugging Face cache), work out its config, and load it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from .config import PRESETS, VaeConfig
+from .decoder import VaeDecoder
+from .encoder import VaeEncoder
+from .keys import KeyMap, map_keys
+from .module import VaeModule
+
+log = logging.getLogger("sdvae")
+
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# Keys beside the VAE that tell which model a whole single-file checkpoint belongs to.
+FAMILY_MARKERS = {
+    "sdxl": ("conditioner.embedders.",),
+    "sd2": ("cond_stage_model.model.",),
+    "sd15": ("cond_stage_model.transformer.",),
+    "sd3": ("model.diffusion_model.joint_blocks.", "text_encoders."),
+    "flux": ("model.diffusion_model.double_blocks.", "double_blocks."),
+}
+# The family assumed where the weights fit several, and a warning says so.
+DEFAULT_FAMILY = {4: "sd15", 16: "flux"}
+_ARCH_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+                "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+class SafetensorsFile(Mapping):
+    """A safetensors file as a read-only mapping that reads a tensor only when it is asked for."""
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return str(self._file.get_slice(key).get_dtype())
+
+
+def _shape(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    return tensors.shape(key) if isinstance(tensors, SafetensorsFile) else tuple(tensors[key].shape)
+
+
+def _dtype(tensors: Mapping[str, Any], key: str) -> str:
+    if isinstance(tensors, SafetensorsFile):
+        return tensors.dtype(key)
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}.get(
+        tensors[key].dtype, str(tensors[key].dtype))
+
+
+def read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin/.ckpt/.pt` state dict via `torch.load(weights_only=True)`; anything needing more is refused."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise ValueError(f"{path}: refusing to unpickle: it holds more than tensors "
+                         f"(torch.load(weights_only=True) failed: {reason})") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot read this checkpoint (truncated or corrupt?): {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def read_tensors(path: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of one checkpoint file (safetensors lazily; pickles with weights_only)."""
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return read_pickle(path)
+    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of "
+                     f"{', '.join(PICKLE_SUFFIXES)}")
+
+
+def _diffusers_config(path: Path) -> dict[str, Any] | None:
+    """The AutoencoderKL config.json at `path`, or None where there is none (or it is another model's)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config: {e}") from e
+    return data if isinstance(data, dict) and data.get("_class_name", "AutoencoderKL") == "AutoencoderKL" else None
+
+
+def _resolve_folder(folder: Path) -> tuple[Path, dict[str, Any] | None]:
+    if (folder / "vae").is_dir() and not (folder / "config.json").is_file():
+        return _resolve_folder(folder / "vae")
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name, _diffusers_config(folder / "config.json")
+    raise FileNotFoundError(f"{folder}: no VAE weights here: expected a diffusers VAE folder "
+                            f"(config.json + {' or '.join(WEIGHT_NAMES[:1] + WEIGHT_NAMES[2:3])}) or a pipeline "
+                            "folder with vae/")
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub repo (`owner/name`, or `owner/name/file.safetensors`) from the Hugging Face cache or the hub."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise ImportError(f"{repo_id}: no such local file or folder; to load it as a Hugging Face repo id, "
+                          "install huggingface_hub: pip install 'sdvae[hub]'") from None
+    owner, name, *rest = repo_id.split("/")
+    repo = f"{owner}/{name}"
+    try:
+        if rest:
+            return Path(hf_hub_download(repo, "/".join(rest)))
+        patterns = [f"{sub}{f}" for sub in ("", "vae/") for f in ("config.json", *WEIGHT_NAMES[:1], WEIGHT_NAMES[2])]
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo_id}: no such local file or folder, and as a repo id it is not in the local Hugging Face cache "
+            f"while the hub cannot be reached ({e}). Download it where "
+            f"there is network (`huggingface-cli download {repo}`) or pass a local file or folder."
+        ) from e
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"{repo_id}: no such local file or folder, and the Hugging Face hub "
+                                f"refused it as a repo id: {e}") from e
+
+
+def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """The weights file a source points to, and the diffusers config found beside it (if any)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", source):
+            path = _from_hub(source)
+        else:
+            raise FileNotFoundError(f"{source}: no such file or folder")
+    if path.is_dir():
+        return _resolve_folder(path)
+    return path, _diffusers_config(path.parent / "config.json")
+
+
+def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str, Any]:
+    """Widths, depth and optional parts of the VAE, read off tensor shapes (the GroupNorm group count is not)."""
+    names = keymap.names
+
+    def shape(key: str) -> tuple[int, ...]:
+        return _shape(tensors, names[key])
+
+    arch: dict[str, Any] = {}
+    if "encoder.conv_in.weight" in names:
+        arch["in_channels"] = shape("encoder.conv_in.weight")[1]
+        arch["latent_channels"] = shape("encoder.conv_out.weight")[0] // 2
+        blocks = sorted({int(m[1]) for k in names if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+        arch["block_out_channels"] = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]
+                                           for i in blocks)
+        arch["layers_per_block"] = len({k.split(".")[4] for k in names if k.startswith("encoder.down_blocks.0.resnets.")})
+    if "decoder.conv_in.weight" in names:
+        arch["out_channels"] = shape("decoder.conv_out.weight")[0]
+        arch.setdefault("latent_channels", shape("decoder.conv_in.weight")[1])
+        blocks = sorted({int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
+        arch.setdefault("block_out_channels", tuple(
+            shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks)))
+        arch.setdefault("layers_per_block",
+                        len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
+    arch["use_quant_conv"] = "quant_conv.weight" in names
+    arch["use_post_quant_conv"] = "post_quant_conv.weight" in names
+    arch["mid_block_add_attention"] = any(".mid_block.attentions.0." in k for k in names)
+    return arch
+
+
+def _infer_family(keys: list[str], arch: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The family for these weights, and every family whose architecture fits them.
+
+    A whole checkpoint's other keys (text encoders, UNet) settle it; a bare VAE that fits several families gets
+    the documented default for its latent width.
+    """
+    fits = [name for name, cfg in PRESETS.items()
+            if all(getattr(cfg, f) == arch[f] for f in _ARCH_FIELDS if f in arch)]
+    marked = [name for name in fits if any(k.startswith(FAMILY_MARKERS.get(name, ("\0",))) for k in keys)]
+    if len(marked) == 1:
+        return marked[0], marked
+    if len(fits) == 1:
+        return fits[0], fits
+    default = DEFAULT_FAMILY.get(arch.get("latent_channels"))
+    return (default if default in fits else None), fits
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A VAE found on disk: where, its tensors (read lazily), how its keys map, and the config chosen for it."""
+
+    path: Path
+    tensors: Mapping[str, torch.Tensor]
+    keymap: KeyMap
+    config: VaeConfig
+    config_origin: str
+
+    @property
+    def halves(self) -> tuple[str, ...]:
+        """Which parts the file holds: 'encoder' and/or 'decoder'."""
+        return tuple(h for h in ("encoder", "decoder") if f"{h}.conv_in.weight" in self.keymap.names)
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """The tensor dtypes stored on disk for the VAE (e.g. ('F16',))."""
+        return tuple(sorted({_dtype(self.tensors, src) for src in self.keymap.names.values()}))
+
+
+def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
+                    family: str | None = None) -> Checkpoint:
+    """Locate the weights and settle the config: `config` > `family` > config.json beside them > inferred."""
+    path, found_config = resolve_source(source)
+    tensors = read_tensors(path)
+    keys = list(tensors.keys())
+    keymap = map_keys(keys)
+    if not keymap.names:
+        raise ValueError(f"{path}: no VAE tensors found: expected keys such as encoder.conv_in.weight "
+                         "(bare, or under first_stage_model. or vae.)")
+    if config is not None:
+        cfg = config if isinstance(config, VaeConfig) else VaeConfig.from_diffusers(config)
+        return Checkpoint(path, tensors, keymap, cfg, "config argument")
+    if family is not None:
+        return Checkpoint(path, tensors, keymap, VaeConfig.preset(family), f"family={family!r}")
+    if found_config is not None:
+        return Checkpoint(path, tensors, keymap, VaeConfig.from_diffusers(found_config), "config.json")
+    arch = _infer_architecture(tensors, keymap)
+    name, candidates = _infer_family(keys, arch)
+    if name is None:
+        warnings.warn(f"{path}: the weights fit no known family; using scaling_factor "
+                      f"{VaeConfig.scaling_factor} and shapes read from the weights. Pass config= if that is wrong.",
+                      stacklevel=3)
+        return Checkpoint(path, tensors, keymap, VaeConfig(**arch), "inferred (no family)")
+    cfg = PRESETS[name].replace(**arch)
+    certain = len(candidates) == 1
+    if not certain:
+        warnings.warn(f"{path}: the weights do not say which of {', '.join(candidates)} they belong to; "
+                      f"assuming {name} (scaling_factor {cfg.scaling_factor}, shift_factor {cfg.shift_factor}). "
+                      f"Pass family=... or config=... to choose.", stacklevel=3)
+    return Checkpoint(path, tensors, keymap, cfg, f"inferred ({name}{'' if certain else ', assumed'})")
+
+
+M = TypeVar("M", bound=VaeModule)
+
+
+def _load(cls: type[M], source: str | Path, config: VaeConfig | dict | str | Path | None, family: str | None,
+          device: torch.device | str | None, dtype: torch.dtype | None, strict: bool) -> M:
+    ckpt = open_checkpoint(source, config=config, family=family)
+    with torch.device("meta"):
+        module = cls(ckpt.config).to(dtype or torch.float32)
+    report = module.load_hf_state_dict(ckpt.tensors, strict=strict, source=str(ckpt.path))
+    module.load_report = report
+    log.info("%s from %s (%s): %s", cls.__name__, ckpt.path, ckpt.config_origin, report.summary())
+    return module.to(device or "cpu").eval().requires_grad_(False)
+
+
+def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
+                 family: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, strict: bool = False) -> VaeEncoder:
+    """Load a `VaeEncoder` from a file, a diffusers or pipeline folder, or a hub id; reads only its tensors.
+
+    The config comes from `config`, else the `family` preset (sd15, sd2, sdxl, sd3, flux, playground, cogview),
+    else the diffusers config.json beside the weights, else the weights themselves (warning where the family, and
+    so the scaling factor, is ambiguous). `dtype` defaults to float32. `.load_report` says what was dropped.
+    """
+    return _load(VaeEncoder, source, config, family, device, dtype, strict)
+
+
+def load_decoder(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
+                 family: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, strict: bool = False) -> VaeDecoder:
+    """Load a `VaeDecoder`, as `load_encoder` does."""
+    return _load(VaeDecoder, source, config, family, device, dtype, strict)

@@ -1,0 +1,76 @@
+"""What the encoder and decoder share: their config, input checks, weight loading and the float16 guard."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .config import VaeConfig
+from .weights import DropReport, convert_state_dict
+
+
+class VaeModule(nn.Module):
+    """Base of `VaeEncoder` and `VaeDecoder`: a plain module whose state-dict keys are diffusers'."""
+
+    config: VaeConfig
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_input(self, x: torch.Tensor, channels: int, min_size: int, what: str) -> torch.Tensor:
+        """Validate `[B, channels, H, W]` and cast floating input to the weights' dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor {what} [B, {channels}, H, W], got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"expected {what} of shape [B, {channels}, H, W], got {list(x.shape)}")
+        if x.shape[2] < min_size or x.shape[3] < min_size:
+            raise ValueError(f"{what} of shape {list(x.shape)} is too small: H and W must be at least {min_size}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point {what}, got {x.dtype}")
+        return x.to(self.dtype)
+
+    def _guarded(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """`run(x)` in the module's dtype; a float16 result with inf/NaN is recomputed by `forward` in float32.
+
+        The SD/SDXL VAE overflows float16 on some inputs; the float32 copy of the weights lives only for that call.
+        """
+        out = run(x)
+        if out.dtype != torch.float16 or torch.isfinite(out).all():
+            return out
+        warnings.warn(f"{type(self).__name__}: float16 overflowed (inf/NaN); recomputing this batch in float32",
+                      RuntimeWarning, stacklevel=3)
+        params = {name: p.float() for name, p in self.named_parameters()}
+        return torch.func.functional_call(self, params, (x.float(),)).to(torch.float16)
+
+    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False,
+                           source: str = "state dict") -> DropReport:
+        """Load weights from any supported layout (see `sdvae.keys`); returns what was dropped.
+
+        Raises ValueError naming the keys when a tensor of this half is missing or mis-shaped; `strict` also
+        refuses keys that belong to no part of the VAE. The other half's keys are expected and only reported.
+        """
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        tensors, report = convert_state_dict(state_dict, expected, whole_vae_keys(self.config), strict=strict,
+                                             source=source)
+        on_meta = any(p.is_meta for p in self.parameters())
+        dtype = self.dtype
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        self.load_state_dict(tensors, strict=True, assign=on_meta)
+        return report
+
+
+def whole_vae_keys(config: VaeConfig) -> set[str]:
+    """Every state-dict key of a whole AutoencoderKL with this config (built on the meta device: no memory)."""
+    from .decoder import VaeDecoder
+    from .encoder import VaeEncoder
+
+    with torch.device("meta"):
+        return set(VaeEncoder(config).state_dict()) | set(VaeDecoder(config).state_dict())

@@ -1,0 +1,84 @@
+"""Turn a checkpoint's tensors into one VAE half's state dict: rename, check shapes, report what was left."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .keys import is_conv_shaped_attention, map_keys
+
+
+@dataclass(frozen=True)
+class DropReport:
+    """What loading did with a checkpoint's keys.
+
+    `dropped` holds every source key this half did not use (the other half of the VAE, a UNet, text encoders...);
+    `foreign` is the part of it that is not an AutoencoderKL key at all. `layout` and `prefix` say how the file was
+    read, `loaded` how many tensors were taken.
+    """
+
+    layout: str
+    prefix: str
+    loaded: int
+    dropped: tuple[str, ...]
+    foreign: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line: layout, tensors loaded, and the dropped keys counted by their first name component."""
+        groups = Counter(k.split(".", 1)[0] for k in self.dropped)
+        dropped = ", ".join(f"{name}.* x{n}" for name, n in groups.most_common()) or "nothing"
+        prefix = f" under {self.prefix!r}" if self.prefix else ""
+        return f"{self.layout} layout{prefix}: loaded {self.loaded} tensors, dropped {dropped}"
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    vae_keys: set[str],
+    *,
+    strict: bool = False,
+    source: str = "state dict",
+) -> tuple[dict[str, torch.Tensor], DropReport]:
+    """Select and rename the tensors of one VAE half.
+
+    `expected` is the half's own state-dict shapes; `vae_keys` every key of a whole AutoencoderKL of the same
+    config. Only the tensors needed are read from `state_dict`, so a lazy mapping reads just those. Raises
+    ValueError naming the keys when a tensor is missing or has the wrong shape, and in strict mode also when the
+    source holds keys that are not part of the VAE.
+    """
+    keymap = map_keys(state_dict.keys())
+    used = {keymap.names[k] for k in expected if k in keymap.names}
+    dropped = [k for k in state_dict.keys() if k not in used]
+    recognised = {src for name, src in keymap.names.items() if name in vae_keys}
+    foreign = [k for k in dropped if k not in recognised]
+    out: dict[str, torch.Tensor] = {}
+    missing, mismatched = [], []
+    for name, shape in expected.items():
+        if name not in keymap.names:
+            missing.append(name)
+            continue
+        src = keymap.names[name]
+        tensor = state_dict[src]
+        if tuple(tensor.shape) != tuple(shape) and is_conv_shaped_attention(name, tuple(tensor.shape)):
+            tensor = tensor.reshape(tensor.shape[:2])
+        if tuple(tensor.shape) != tuple(shape):
+            mismatched.append(f"{src}: expected {list(shape)}, found {list(tensor.shape)}")
+        out[name] = tensor
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch (is the config right for these weights?): " + "; ".join(mismatched))
+    if missing:
+        where = f" under {keymap.prefix!r}" if keymap.prefix else ""
+        problems.append(f"{len(missing)} tensor(s) missing (read as {keymap.layout} layout{where}): "
+                        + ", ".join(missing))
+    if strict and foreign:
+        problems.append(f"strict loading found {len(foreign)} key(s) that are not part of the VAE: "
+                        + ", ".join(foreign))
+    if problems:
+        raise ValueError(f"{source}: " + "\n  ".join(problems))
+    report = DropReport(layout=keymap.layout, prefix=keymap.prefix, loaded=len(out), dropped=tuple(dropped),
+                        foreign=tuple(foreign))
+    return out, report

@@ -1,0 +1,76 @@
+"""sdvae against diffusers with fresh random weights: every family config, float32 and float64, odd sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference import random_images, reference_vae, rel_err
+from sdvae import VaeConfig, VaeDecoder, VaeEncoder
+from sdvae.config import PRESETS
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+# (batch, height, width): not multiples of 64, and one not a multiple of 8.
+SHAPES = [(1, 72, 40), (2, 37, 50)]
+
+
+@pytest.fixture(scope="module", params=list(PRESETS))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pair(family):
+    """A diffusers reference in float64 and our encoder/decoder loaded from its state dict."""
+    config = VaeConfig.preset(family)
+    ref = reference_vae(config, dtype=torch.float64)
+    enc, dec = VaeEncoder(config).double(), VaeDecoder(config).double()
+    enc.load_hf_state_dict(ref.state_dict(), strict=True)
+    dec.load_hf_state_dict(ref.state_dict(), strict=True)
+    return ref, enc, dec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,height,width", SHAPES)
+def test_encoder_matches_diffusers(pair, dtype, batch, height, width):
+    ref, enc, _ = (m.to(dtype) for m in pair)
+    x = random_images(batch, height, width, dtype=dtype)
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist
+        params = enc(x)
+        got = enc.encode(x)
+    assert params.shape == (batch, 2 * enc.config.latent_channels, height // 8, width // 8)
+    assert params.dtype == dtype
+    tol = TOLERANCE[dtype]
+    assert rel_err(params, want.parameters) <= tol
+    assert rel_err(got.mean, want.mean) <= tol
+    assert rel_err(got.logvar, want.logvar) <= tol
+    assert rel_err(got.std, want.std) <= tol
+    assert rel_err(got.var, want.var) <= tol
+    assert rel_err(got.mode(), want.mode()) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoder_matches_diffusers(pair, dtype):
+    ref, _, dec = (m.to(dtype) for m in pair)
+    z = torch.randn(2, dec.config.latent_channels, 3, 5, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        got = dec.decode(z)
+    assert got.shape == (2, dec.config.out_channels, 24, 40)
+    assert rel_err(got, want) <= TOLERANCE[dtype]
+
+
+def test_logvar_is_clamped_like_diffusers():
+    config = VaeConfig.preset("sd15")
+    ref = reference_vae(config, dtype=torch.float64)
+    enc = VaeEncoder(config).double()
+    with torch.no_grad():
+        ref.quant_conv.bias[4:] = torch.tensor([-100.0, 100.0, 0.0, 25.0], dtype=torch.float64)
+    enc.load_hf_state_dict(ref.state_dict())
+    x = random_images(1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = enc.encode(x), ref.encode(x).latent_dist
+    assert got.logvar.min() == -30 and got.logvar.max() == 20
+    assert rel_err(got.logvar, want.logvar) <= 1e-12
+    assert rel_err(got.std, want.std) <= 1e-12
