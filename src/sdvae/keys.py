@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+
 PREFIXES = ("first_stage_model.", "vae.")
 HALVES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
@@ -89,6 +91,40 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
     if renamed.keys() != inner.keys():
         layout += "+deprecated-attention"
     return KeyMap(names=renamed, prefix=prefix, layout=layout)
+
+
+def ldm_name(key: str, num_blocks: int) -> str:
+    """The CompVis/LDM name of a diffusers key (the inverse of `map_keys`' renaming), for writing LDM files."""
+    half, rest = key.split(".", 1)
+    if half not in ("encoder", "decoder"):
+        return key
+    attention = {v: k for k, v in _LDM_ATTENTION.items()}
+    resnet = {v: k for k, v in _LDM_RESNET.items()}
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)", rest):
+        kind, i, j, name, param = m.groups()
+        block = int(i) if kind == "down" else num_blocks - 1 - int(i)
+        rest = f"{kind}.{block}.block.{j}.{resnet.get(name, name)}.{param}"
+    elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", rest):
+        rest = f"down.{m[1]}.downsample.conv.{m[2]}"
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", rest):
+        rest = f"up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    elif m := re.fullmatch(r"mid_block\.resnets\.([01])\.(\w+)\.(\w+)", rest):
+        rest = f"mid.block_{int(m[1]) + 1}.{resnet.get(m[2], m[2])}.{m[3]}"
+    elif m := re.fullmatch(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)", rest):
+        rest = f"mid.attn_1.{attention[m[1]]}.{m[2]}"
+    elif m := re.fullmatch(r"conv_norm_out\.(\w+)", rest):
+        rest = f"norm_out.{m[1]}"
+    return f"{half}.{rest}"
+
+
+def to_ldm(state_dict: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state dict in CompVis/LDM names, attention projections as 1x1 convs."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if _ATTENTION_WEIGHT.search(key):
+            tensor = tensor[:, :, None, None]
+        out[ldm_name(key, num_blocks)] = tensor
+    return out
 
 
 def is_conv_shaped_attention(diffusers_key: str, shape: tuple[int, ...]) -> bool:

@@ -28,7 +28,7 @@ class DropReport:
 
     def summary(self) -> str:
         """One line: layout, tensors loaded, and the dropped keys counted by their first name component."""
-        groups = Counter(k.split(".", 1)[0] for k in self.dropped)
+        groups = Counter(k.removeprefix(self.prefix).split(".", 1)[0] for k in self.dropped)
         dropped = ", ".join(f"{name}.* x{n}" for name, n in groups.most_common()) or "nothing"
         prefix = f" under {self.prefix!r}" if self.prefix else ""
         return f"{self.layout} layout{prefix}: loaded {self.loaded} tensors, dropped {dropped}"

@@ -1,0 +1,256 @@
+"""Every checkpoint layout users have on disk, written by the tests with random weights, loaded and compared."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from safetensors.torch import save_file
+
+import sdvae
+from reference import (diffusers_to_deprecated_attention, diffusers_to_ldm, random_images, reference_vae, rel_err,
+                       unet_and_text_tensors)
+from sdvae import VaeConfig
+from sdvae.loading import SafetensorsFile
+
+# A small config for the layout tests: three blocks so the LDM up-block reversal is exercised.
+SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
+
+
+@pytest.fixture(scope="module")
+def small_ref():
+    return reference_vae(SMALL, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_state(small_ref):
+    return {k: v.contiguous() for k, v in small_ref.state_dict().items()}
+
+
+def assert_matches(ref, source, **kwargs):
+    """The encoder and decoder loaded from `source` equal the diffusers reference in float32."""
+    enc = sdvae.load_encoder(source, **kwargs)
+    dec = sdvae.load_decoder(source, **kwargs)
+    x = random_images(2, 20, 28)
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist
+        assert rel_err(enc(x), want.parameters) <= 1e-5
+        assert rel_err(dec.decode(want.mean), ref.decode(want.mean).sample) <= 1e-5
+    return enc, dec
+
+
+def test_diffusers_folder(small_ref, tmp_path):
+    small_ref.save_pretrained(tmp_path)
+    enc, _ = assert_matches(small_ref, tmp_path)
+    assert enc.config == SMALL
+    assert enc.load_report.layout == "diffusers"
+    assert {k.split(".")[0] for k in enc.load_report.dropped} == {"decoder", "post_quant_conv"}
+    assert not enc.load_report.foreign
+
+
+def test_diffusers_folder_bin(small_ref, tmp_path):
+    small_ref.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").exists()
+    assert_matches(small_ref, tmp_path)
+
+
+def test_fp16_variant_loads_in_the_dtype_asked_for(small_ref, tmp_path):
+    half = copy.deepcopy(small_ref).half()
+    half.save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert_matches(half.float(), tmp_path, dtype=torch.float32)
+    enc = sdvae.load_encoder(tmp_path, dtype=torch.bfloat16)
+    assert enc.dtype == torch.bfloat16
+
+
+def test_pipeline_folder(small_ref, tmp_path):
+    small_ref.save_pretrained(tmp_path / "vae")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (tmp_path / "unet").mkdir()
+    assert_matches(small_ref, tmp_path)
+
+
+def test_vae_prefixed_single_file(small_ref, small_state, tmp_path):
+    path = tmp_path / "pipeline.safetensors"
+    save_file({f"vae.{k}": v for k, v in small_state.items()} | {"unet.conv_in.weight": torch.ones(2)}, path)
+    enc, _ = assert_matches(small_ref, path, config=SMALL)
+    assert enc.load_report.prefix == "vae."
+    assert enc.load_report.foreign == ("unet.conv_in.weight",)
+
+
+def test_deprecated_attention_names(small_ref, small_state, tmp_path):
+    path = tmp_path / "old.safetensors"
+    save_file(diffusers_to_deprecated_attention(small_state), path)
+    enc, _ = assert_matches(small_ref, path, config=SMALL)
+    assert "deprecated-attention" in enc.load_report.layout
+
+
+def test_ldm_writer_agrees_with_diffusers_converter(small_ref, small_state):
+    ldm = diffusers_to_ldm(small_state, len(SMALL.block_out_channels))
+    converted = convert_ldm_vae_checkpoint(ldm, dict(small_ref.config))
+    assert converted.keys() == small_state.keys()
+    for key, value in small_state.items():
+        assert torch.equal(converted[key].reshape(value.shape), value), key
+
+
+def test_ldm_standalone_file(small_ref, small_state, tmp_path):
+    path = tmp_path / "vae-ft-mse.safetensors"
+    save_file(diffusers_to_ldm(small_state, 3), path)
+    enc, _ = assert_matches(small_ref, path, config=SMALL)
+    assert enc.load_report.layout == "ldm"
+
+
+def test_ldm_ckpt_pickle_with_state_dict_wrapper(small_ref, small_state, tmp_path):
+    path = tmp_path / "model.ckpt"
+    ldm = {f"first_stage_model.{k}": v for k, v in diffusers_to_ldm(small_state, 3).items()}
+    torch.save({"state_dict": ldm, "global_step": 5}, path)
+    assert_matches(small_ref, path, config=SMALL)
+
+
+@pytest.fixture(scope="module")
+def full_refs():
+    return {4: reference_vae(VaeConfig.preset("sd15"), seed=5), 16: reference_vae(VaeConfig.preset("sd3"), seed=6)}
+
+
+@pytest.mark.parametrize("family,latent", [("sd15", 4), ("sd2", 4), ("sdxl", 4), ("sd3", 16), ("flux", 16)])
+def test_whole_checkpoint_gives_the_family_and_reads_only_the_encoder(full_refs, family, latent, tmp_path,
+                                                                      monkeypatch):
+    ref = full_refs[latent]
+    vae = diffusers_to_ldm(ref.state_dict(), 4)
+    tensors = {f"first_stage_model.{k}": v.contiguous() for k, v in vae.items()} | unet_and_text_tensors(family)
+    path = tmp_path / f"{family}.safetensors"
+    save_file(tensors, path)
+    read = []
+    original = SafetensorsFile.__getitem__
+    monkeypatch.setattr(SafetensorsFile, "__getitem__", lambda self, k: read.append(k) or original(self, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc = sdvae.load_encoder(path)
+    preset = VaeConfig.preset(family)
+    assert (enc.config.scaling_factor, enc.config.shift_factor) == (preset.scaling_factor, preset.shift_factor)
+    assert read and all(k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv.")) for k in read)
+    x = random_images(1, 24, 16)
+    with torch.no_grad():
+        assert rel_err(enc(x), ref.encode(x).latent_dist.parameters) <= 1e-5
+
+
+def test_bare_vae_file_of_ambiguous_family_warns_and_names_family(full_refs, tmp_path):
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in full_refs[4].state_dict().items()}, path)
+    with pytest.warns(UserWarning, match="family="):
+        enc = sdvae.load_encoder(path)
+    assert enc.config.scaling_factor == 0.18215
+    assert sdvae.load_encoder(path, family="sdxl").config.scaling_factor == 0.13025
+
+
+def test_strict_names_foreign_and_missing_keys(small_state, tmp_path):
+    extra = dict(small_state, **{"encoder.extra.weight": torch.ones(1), "loss.logvar": torch.ones(1)})
+    enc = sdvae.VaeEncoder(SMALL)
+    report = enc.load_hf_state_dict(extra)
+    assert set(report.foreign) == {"encoder.extra.weight", "loss.logvar"}
+    with pytest.raises(ValueError, match=r"not part of the VAE: .*encoder\.extra\.weight.*loss\.logvar"):
+        sdvae.VaeEncoder(SMALL).load_hf_state_dict(extra, strict=True)
+    sdvae.VaeEncoder(SMALL).load_hf_state_dict(small_state, strict=True)  # the decoder's keys are no surprise
+    missing = {k: v for k, v in small_state.items() if k not in ("encoder.conv_in.bias", "quant_conv.weight")}
+    for strict in (False, True):
+        with pytest.raises(ValueError, match=r"2 tensor\(s\) missing.*encoder\.conv_in\.bias.*quant_conv\.weight"):
+            sdvae.VaeEncoder(SMALL).load_hf_state_dict(missing, strict=strict)
+    decoder_missing = {k: v for k, v in small_state.items() if k != "decoder.conv_out.weight"}
+    with pytest.raises(ValueError, match=r"decoder\.conv_out\.weight"):
+        sdvae.VaeDecoder(SMALL).load_hf_state_dict(decoder_missing)
+
+
+def test_whole_checkpoint_is_refused_in_strict_mode(small_state, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({f"first_stage_model.{k}": v for k, v in small_state.items()} | unet_and_text_tensors("sd15"), path)
+    with pytest.raises(ValueError, match="model.diffusion_model.input_blocks.0.0.weight"):
+        sdvae.load_encoder(path, config=SMALL, strict=True)
+
+
+def test_sd3_weights_into_sd15_config_name_key_and_shapes(tmp_path):
+    sd3 = {k: v.contiguous() for k, v in reference_vae(VaeConfig.preset("sd3")).encoder.conv_out.state_dict().items()}
+    state = {f"encoder.conv_out.{k}": v for k, v in sd3.items()}
+    with pytest.raises(ValueError, match=r"encoder\.conv_out\.weight: expected \[8, 512, 3, 3\], found \[32, 512, 3, 3\]"):
+        sdvae.VaeEncoder(VaeConfig.preset("sd15")).load_hf_state_dict(state)
+
+
+@pytest.mark.parametrize("cut", [0, 7, 100, -10])
+def test_truncated_files_name_the_file(small_state, tmp_path, cut):
+    good = tmp_path / "good.safetensors"
+    save_file(small_state, good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*(truncated|corrupt)"):
+        sdvae.load_encoder(bad, config=SMALL)
+    ckpt = tmp_path / "bad.ckpt"
+    torch.save(small_state, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[: max(cut, 0) or len(data) // 2])
+    with pytest.raises(ValueError, match=r"bad\.ckpt"):
+        sdvae.load_encoder(ckpt, config=SMALL)
+
+
+class NotATensor:
+    pass
+
+
+def test_pickle_that_needs_more_than_weights_is_refused(tmp_path):
+    path = tmp_path / "evil.bin"
+    torch.save({"encoder.conv_in.weight": torch.ones(1), "payload": NotATensor()}, path)
+    with pytest.raises(ValueError, match=r"evil\.bin: refusing to unpickle"):
+        sdvae.load_encoder(path, config=SMALL)
+
+
+def test_non_vae_file_is_named(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    save_file(unet_and_text_tensors("sd15"), path)
+    with pytest.raises(ValueError, match=r"unet\.safetensors: no VAE tensors"):
+        sdvae.load_encoder(path)
+
+
+def test_missing_path_and_unknown_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        sdvae.load_encoder(tmp_path / "nowhere.safetensors")
+    odd = tmp_path / "weights.npz"
+    odd.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"weights\.npz: unknown checkpoint type"):
+        sdvae.load_encoder(odd)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no VAE weights"):
+        sdvae.load_encoder(tmp_path / "empty")
+
+
+def _hub_cache(root: Path, repo: str, ref_vae) -> None:
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = folder / "snapshots" / commit / "vae"
+    ref_vae.save_pretrained(snapshot)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(small_ref, tmp_path):
+    _hub_cache(tmp_path / "hub", "acme/tiny-diffusion", small_ref)
+    x = random_images(1, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch, sdvae\n"
+        "enc = sdvae.load_encoder('acme/tiny-diffusion')\n"
+        f"torch.save(enc(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'out.pt')!r})\n"
+        "try:\n    sdvae.load_encoder('acme/not-cached')\n"
+        "except FileNotFoundError as e:\n    print(e)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "acme/not-cached" in result.stdout and "cache" in result.stdout
+    with torch.no_grad():
+        assert rel_err(torch.load(tmp_path / "out.pt"), small_ref.encode(x).latent_dist.parameters) <= 1e-5
