@@ -107,13 +107,13 @@ class VaeConfig:
                 path = path / "config.json"
             try:
                 source = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
                 raise ValueError(f"{path}: cannot read a diffusers config: {e}") from e
             if not isinstance(source, dict):
                 raise ValueError(f"{path}: a diffusers config must be a JSON object")
         class_name = source.get("_class_name", "AutoencoderKL")
         if class_name != "AutoencoderKL":
-            raise ValueError(f"config is for {class_name!r}; sdvae implements AutoencoderKL only")
+            raise ValueError(f"config _class_name={class_name!r}: sdvae implements AutoencoderKL only")
         known = {f.name for f in dataclasses.fields(cls)} - {"family"}
         kwargs: dict[str, Any] = {}
         for key, value in source.items():
@@ -126,7 +126,7 @@ class VaeConfig:
                     raise ValueError(f"config {key}={value!r} is not supported; sdvae implements {wanted!r} only")
                 continue
             if key not in known:
-                raise ValueError(f"config key {key!r} is not an AutoencoderKL setting sdvae knows")
+                raise ValueError(f"config key {key!r} (= {value!r}) is not an AutoencoderKL setting sdvae knows")
             kwargs[key] = value
         for key in ("down_block_types", "up_block_types"):
             blocks = source.get(key)

@@ -119,7 +119,7 @@ def _diffusers_config(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise ValueError(f"{path}: cannot read config: {e}") from e
     return data if isinstance(data, dict) and data.get("_class_name", "AutoencoderKL") == "AutoencoderKL" else None
 
