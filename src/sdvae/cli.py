@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .preprocess import DEFAULT_MAX_PIXELS
+
 
 def _info(args: argparse.Namespace) -> int:
     from .loading import open_checkpoint
@@ -29,6 +31,42 @@ def _demo(args: argparse.Namespace) -> int:
     return run(Path(args.out))
 
 
+def _encode(args: argparse.Namespace) -> int:
+    from .job import Settings, encode_dataset
+
+    settings = Settings(resolution=args.resolution, buckets=args.buckets, crop=args.crop, flip=args.flip,
+                        seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels)
+    counts = encode_dataset(args.inputs, args.model, args.output, settings, family=args.family,
+                            batch_size=args.batch_size, device=args.device, workers=args.workers,
+                            shard_size=args.shard_size, resume=args.resume, overwrite=args.overwrite)
+    print(f"encoded {counts['encoded']}, failed {counts['failed']}, already stored {counts['skipped']}: "
+          f"{args.output}" + (f" (failures in {args.output}/errors.jsonl)" if counts["failed"] else ""))
+    return 1 if counts["failed"] else 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from .dataset import LatentDataset
+    from .images import tensor_to_image
+    from .loading import load_decoder
+
+    dataset = LatentDataset(args.dir, mode=True)
+    model = args.model or dataset.manifest["model"]["file"]
+    decoder = load_decoder(model, config=dataset.config, device=args.device)
+    pictures = []
+    for index in args.index:
+        if not 0 <= index < len(dataset):
+            raise ValueError(f"{args.dir}: index {index} is out of range (the dataset holds {len(dataset)} latents)")
+        with torch.no_grad():
+            pictures.append(decoder.decode_with_scaling(dataset[index]["latent"][None].to(decoder.device))[0])
+    height = max(p.shape[1] for p in pictures)
+    grid = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, height - p.shape[1]), value=1.0) for p in pictures], 2)
+    tensor_to_image(grid).save(args.out)
+    print(f"decoded {len(pictures)} latent(s) of {args.dir} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdvae", description="Stable-Diffusion VAE latents, exactly as diffusers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +77,44 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("source", help="a .safetensors/.ckpt/.bin file, a diffusers or pipeline folder, or a hub id")
     info.add_argument("--family", help="the family preset to assume (sd15, sd2, sdxl, sd3, flux, playground, cogview)")
     info.set_defaults(run=_info)
+
+    encode = commands.add_parser(
+        "encode", help="turn images into a sharded latent dataset",
+        description="Encode images into a sharded latent dataset (safetensors shards, Parquet metadata).",
+        epilog="exit status: 0 when every input was encoded, 1 when some failed (listed in DIR/errors.jsonl), "
+               "2 on a usage or setup error (nothing encoded).")
+    encode.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive), text files of paths")
+    encode.add_argument("--model", required=True, help="VAE checkpoint: file, diffusers/pipeline folder or hub id")
+    encode.add_argument("--output", required=True, help="dataset folder to write")
+    encode.add_argument("--resolution", type=int, help="target side in pixels (default: the config's sample_size)")
+    encode.add_argument("--buckets", action="store_true",
+                        help="aspect-ratio buckets of area ~resolution^2, sides multiples of 64 (default: square crops)")
+    encode.add_argument("--crop", choices=("center", "random"), default="center", help="crop position (random is seeded)")
+    encode.add_argument("--flip", action="store_true", help="also store the latent of the horizontally flipped image")
+    encode.add_argument("--batch-size", type=int, default=8)
+    encode.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="compute dtype (default: %(default)s, exact); float16 falls back to float32 on overflow")
+    encode.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="dtype of the stored mean and logvar (default: %(default)s)")
+    encode.add_argument("--family", help="family preset when the checkpoint does not say (sd15, sdxl, sd3, flux, ...)")
+    encode.add_argument("--seed", type=int, default=0, help="seed for random crops (default: %(default)s)")
+    encode.add_argument("--workers", type=int, default=2,
+                        help="processes decoding images while the model runs; 0 decodes inline (default: %(default)s)")
+    encode.add_argument("--shard-size", type=int, help="images per shard (default: about 256 MB of latents)")
+    encode.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="larger images are refused as decompression bombs (default: %(default)s)")
+    encode.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --output")
+    encode.add_argument("--overwrite", action="store_true", help="replace latents already in --output")
+    encode.set_defaults(run=_encode)
+
+    decode = commands.add_parser("decode", help="decode stored latents back to an image (several: a row)")
+    decode.add_argument("dir", help="a dataset folder written by sdvae encode")
+    decode.add_argument("--index", type=int, nargs="+", default=[0], help="which latents (default: 0)")
+    decode.add_argument("--out", default="preview.png", help="image to write (default: %(default)s)")
+    decode.add_argument("--model", help="checkpoint with the decoder (default: the one the dataset was encoded with)")
+    decode.add_argument("--device", default="cpu")
+    decode.set_defaults(run=_decode)
     return parser
 
 

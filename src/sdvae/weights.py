@@ -17,9 +17,10 @@ class DropReport:
 
     `dropped` holds every source key this half did not use (the other half of the VAE, a UNet, text encoders...);
     `foreign` is the part of it that is not an AutoencoderKL key at all. `layout` and `prefix` say how the file was
-    read, `loaded` how many tensors were taken.
+    read, `loaded` how many tensors were taken from `source`.
     """
 
+    source: str
     layout: str
     prefix: str
     loaded: int
@@ -79,6 +80,6 @@ def convert_state_dict(
                         + ", ".join(foreign))
     if problems:
         raise ValueError(f"{source}: " + "\n  ".join(problems))
-    report = DropReport(layout=keymap.layout, prefix=keymap.prefix, loaded=len(out), dropped=tuple(dropped),
+    report = DropReport(source=source, layout=keymap.layout, prefix=keymap.prefix, loaded=len(out), dropped=tuple(dropped),
                         foreign=tuple(foreign))
     return out, report

@@ -1,0 +1,116 @@
+"""From an image file to the exact pixels the encoder sees: decode, orient, convert, bucket, resize, crop, flip."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .images import _pil
+
+BUCKET_STEP = 64
+MAX_ASPECT = 4.0
+DEFAULT_MAX_PIXELS = 16384 * 16384
+
+
+class ImageError(ValueError):
+    """An input that cannot become a training image; the message says why."""
+
+
+def make_buckets(resolution: int, step: int = BUCKET_STEP, max_aspect: float = MAX_ASPECT) -> list[tuple[int, int]]:
+    """(width, height) pairs with sides multiples of `step` and area about `resolution**2`, aspect <= `max_aspect`.
+
+    For each width, the height is the multiple of `step` that brings the area closest to `resolution**2`.
+    """
+    area = resolution * resolution
+    buckets = set()
+    for w in range(step, int(resolution * math.sqrt(max_aspect)) + step, step):
+        h = max(step, round(area / w / step) * step)
+        if max(w / h, h / w) <= max_aspect:
+            buckets.update({(w, h), (h, w)})
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log space; ties go to the larger area)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decode an image as 8-bit RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled down.
+
+    Raises ImageError for unreadable, truncated, empty or oversized (decompression bomb) files.
+    """
+    image_cls = _pil()
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", image_cls.DecompressionBombWarning)
+            with image_cls.open(path) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageError(f"{im.width}x{im.height} is over the {max_pixels}-pixel limit "
+                                     "(decompression-bomb guard; raise --max-pixels to allow it)")
+                im = ImageOps.exif_transpose(im)
+                im.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, image_cls.DecompressionBombError, image_cls.DecompressionBombWarning) as e:
+        raise ImageError(str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot decode: {e}") from None
+    return to_rgb(im)
+
+
+def to_rgb(im):
+    """8-bit RGB from any Pillow mode: 16/32-bit grey is rescaled, transparency composited on white."""
+    image_cls = _pil()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
+        grey = np.clip(np.round(array * 255.0 / peak), 0, 255).astype(np.uint8)
+        return image_cls.fromarray(grey, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = image_cls.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return image_cls.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One training image as the encoder sees it, and where its pixels came from."""
+
+    pixels: np.ndarray  # uint8 [H, W, 3]
+    original_size: tuple[int, int]  # (width, height) after EXIF orientation
+    crop: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
+    bucket: tuple[int, int]  # (width, height)
+
+
+def target_size(width: int, height: int, resolution: int, buckets: list[tuple[int, int]] | None) -> tuple[int, int]:
+    """The (width, height) an image is cropped to: its bucket, or a `resolution` square."""
+    return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
+
+
+def prepare(im, target: tuple[int, int], crop: str = "center", rng: random.Random | None = None) -> Prepared:
+    """Resize `im` to cover `target` (Lanczos) and crop it to exactly `target`, centred or at a random offset."""
+    image_cls = _pil()
+    tw, th = target
+    scale = max(tw / im.width, th / im.height)
+    rw, rh = max(tw, round(im.width * scale)), max(th, round(im.height * scale))
+    resized = im.resize((rw, rh), image_cls.Resampling.LANCZOS) if (rw, rh) != im.size else im
+    if crop == "center":
+        left, top = (rw - tw) // 2, (rh - th) // 2
+    elif crop == "random":
+        rng = rng or random.Random()
+        left, top = rng.randint(0, rw - tw), rng.randint(0, rh - th)
+    else:
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    box = (left, top, left + tw, top + th)
+    pixels = np.asarray(resized.crop(box), dtype=np.uint8)
+    return Prepared(pixels=pixels, original_size=im.size, crop=box, bucket=target)

@@ -1,0 +1,195 @@
+"""`sdvae encode` end to end: folders of generated images (broken ones too), the stored latents, resume, reader."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reference import reference_vae, rel_err
+from sdvae import LatentDataset, VaeConfig, load_encoder
+from sdvae.cli import main
+from sdvae.images import image_to_tensor
+from sdvae.preprocess import load_rgb, make_buckets, nearest_bucket, prepare
+
+TINY = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
+GOOD = ["a.png", "b.jpg", "nested/c.webp", "cmyk.jpg", "grey16.png", "palette.png", "rgba.png", "la.png",
+        "rotated.jpg", "tiny.png"]
+BROKEN = ["empty.png", "truncated.png", "text.jpg", "bomb.png"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    reference_vae(TINY, seed=21).save_pretrained(path)
+    return path
+
+
+def noise(h, w, c=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    (root / "nested").mkdir()
+    Image.fromarray(noise(90, 130)).save(root / "a.png")
+    (root / "a.txt").write_text("a caption")
+    Image.fromarray(noise(200, 70, seed=1)).save(root / "b.jpg", quality=95)
+    Image.fromarray(noise(64, 64, seed=2)).save(root / "nested/c.webp")
+    Image.frombytes("CMYK", (80, 80), noise(80, 80, 4, seed=3).tobytes()).save(root / "cmyk.jpg")
+    Image.fromarray(noise(70, 90, 1, seed=4)[..., 0].astype(np.uint16) * 257).save(root / "grey16.png")
+    Image.fromarray(noise(66, 66, seed=5)).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        root / "palette.png", transparency=0)
+    Image.fromarray(noise(72, 100, 4, seed=6)).save(root / "rgba.png")
+    Image.fromarray(noise(50, 60, 2, seed=7)).save(root / "la.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(noise(60, 100, seed=8)).save(root / "rotated.jpg", exif=exif)
+    Image.fromarray(noise(7, 10, seed=9)).save(root / "tiny.png")
+    (root / "empty.png").write_bytes(b"")
+    buffer = io.BytesIO()
+    Image.fromarray(noise(64, 64, seed=10)).save(buffer, "PNG")
+    (root / "truncated.png").write_bytes(buffer.getvalue()[:200])
+    (root / "text.jpg").write_text("not an image")
+    Image.fromarray(noise(300, 400, seed=11)).save(root / "bomb.png")
+    (root / "notes.md").write_text("ignored: not an image suffix")
+    return root
+
+
+def encode(*args: str) -> int:
+    return main(["encode", *map(str, args), "--workers", "0", "--max-pixels", "100000"])
+
+
+def test_folder_to_dataset_records_broken_files_and_goes_on(model, images, tmp_path):
+    out = tmp_path / "out"
+    assert encode(images, "--model", model, "--output", out, "--resolution", "64", "--shard-size", "4") == 1
+    dataset = LatentDataset(out)
+    assert sorted(d["key"] for d in dataset) == sorted(GOOD)
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["key"] for e in errors) == sorted(BROKEN)
+    assert all(e["error"] and e["path"].endswith(e["key"]) for e in errors)
+    assert "100000-pixel limit" in next(e["error"] for e in errors if e["key"] == "bomb.png")
+    item = next(d for d in dataset if d["key"] == "a.png")
+    assert item["caption"] == "a caption" and item["original_size"] == (130, 90) and item["bucket"] == (64, 64)
+    assert item["latent"].shape == (4, 8, 8) and not item["flipped"]
+    assert next(d for d in dataset if d["key"] == "rotated.jpg")["original_size"] == (60, 100)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scaling_factor"] == TINY.scaling_factor and len(manifest["model"]["sha256"]) == 64
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_stored_latents_equal_the_library_on_the_same_pixels(model, images, tmp_path):
+    out = tmp_path / "out"
+    encode(images, "--model", model, "--output", out, "--buckets", "--resolution", "128", "--flip", "--crop", "random")
+    encoder = load_encoder(model)
+    dataset = LatentDataset(out, mode=True)
+    assert len(dataset) == 2 * len(GOOD)
+    for item in dataset:
+        im = load_rgb(item["source"])
+        pixels = np.asarray(im.resize(_resized_size(im.size, item["bucket"]), Image.Resampling.LANCZOS)
+                            .crop(item["crop"]))
+        if item["flipped"]:
+            pixels = pixels[:, ::-1]
+        assert item["bucket"] == nearest_bucket(*im.size, make_buckets(128))
+        x = image_to_tensor(Image.fromarray(np.ascontiguousarray(pixels)))[None]
+        with torch.no_grad():
+            want = encoder.encode(x)
+        assert rel_err(item["mean"], want.mean[0]) <= 1e-5, item["key"]
+        assert rel_err(item["logvar"], want.logvar[0]) <= 1e-5, item["key"]
+        assert torch.allclose(item["latent"], (want.mean[0] - 0) * TINY.scaling_factor, rtol=1e-5, atol=1e-6)
+
+
+def _resized_size(size, bucket):
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return max(bucket[0], round(size[0] * scale)), max(bucket[1], round(size[1] * scale))
+
+
+def test_modes_convert_as_users_expect(images):
+    rgba = np.asarray(Image.open(images / "rgba.png")).astype(float)
+    alpha = rgba[..., 3:] / 255
+    want = rgba[..., :3] * alpha + 255 * (1 - alpha)
+    assert np.abs(np.asarray(load_rgb(images / "rgba.png")).astype(float) - want).max() <= 1
+    grey = np.asarray(Image.open(images / "grey16.png")).astype(float) / 257
+    assert np.abs(np.asarray(load_rgb(images / "grey16.png"))[..., 0] - grey).max() <= 0.5
+    assert load_rgb(images / "rotated.jpg").size == (60, 100)
+    assert load_rgb(images / "cmyk.jpg").mode == "RGB"
+
+
+def test_random_crops_follow_the_seed():
+    im = Image.fromarray(noise(100, 300))
+    crops = [prepare(im, (64, 64), "random", __import__("random").Random(f"{s}|k")).crop for s in (0, 0, 1, 2)]
+    assert crops[0] == crops[1] and len(set(crops)) > 1
+    assert prepare(im, (64, 64)).crop == (64, 0, 128, 64)
+
+
+def test_rerun_is_refused_unless_resume_or_overwrite_and_settings_must_match(model, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [images / "a.png", "--model", model, "--output", out, "--resolution", "64"]
+    assert encode(*args) == 0
+    assert encode(*args) == 2 and "--resume" in capsys.readouterr().err
+    assert encode(*args, "--resume") == 0
+    assert encode(*args, "--flip", "--resume") == 2 and "flip" in capsys.readouterr().err
+    assert encode(*args, "--flip", "--overwrite") == 0
+    assert len(LatentDataset(out)) == 2
+    user_folder = tmp_path / "mine"
+    user_folder.mkdir()
+    (user_folder / "thesis.tex").write_text("precious")
+    assert encode(images / "a.png", "--model", model, "--output", user_folder) == 2
+    assert (user_folder / "thesis.tex").read_text() == "precious"
+
+
+def test_reader_noise_is_per_item_and_per_epoch(model, images, tmp_path):
+    out = tmp_path / "out"
+    encode(images / "a.png", images / "b.jpg", "--model", model, "--output", out, "--resolution", "64")
+    first, again, mean = LatentDataset(out), LatentDataset(out), LatentDataset(out, mode=True)
+    assert torch.equal(first[0]["latent"], again[0]["latent"])
+    assert not torch.equal(first[0]["latent"], mean[0]["latent"])
+    again.set_epoch(1)
+    assert not torch.equal(first[0]["latent"], again[0]["latent"])
+    eps = (first[1]["latent"] / TINY.scaling_factor - first[1]["mean"]) / torch.exp(0.5 * first[1]["logvar"])
+    assert abs(eps.mean()) < 0.5 and 0.6 < eps.std() < 1.4
+
+
+def test_reader_refuses_shards_with_other_settings(model, images, tmp_path):
+    out, other = tmp_path / "out", tmp_path / "other"
+    encode(images / "a.png", "--model", model, "--output", out, "--resolution", "64", "--shard-size", "1")
+    encode(images / "b.jpg", "--model", model, "--output", other, "--resolution", "64", "--flip")
+    (other / "metadata" / "00000.parquet").rename(out / "metadata" / "00001.parquet")
+    with pytest.raises(ValueError, match="other settings"):
+        LatentDataset(out)
+
+
+def test_sigkill_then_resume_stores_every_image_once(model, images, tmp_path):
+    inputs = tmp_path / "many"
+    inputs.mkdir()
+    for i in range(24):
+        Image.fromarray(noise(64 + i, 80, seed=100 + i)).save(inputs / f"{i:02d}.png")
+    (inputs / "zz-broken.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sdvae", "encode", str(inputs), "--model", str(model), "--output", str(out),
+           "--resolution", "64", "--shard-size", "2", "--batch-size", "1", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metadata" / "00002.parquet").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stored = len(list((out / "metadata").glob("*.parquet")))
+    assert 3 <= stored < 13, "the run should have been killed part way"
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    keys = [d["key"] for d in LatentDataset(out)]
+    assert sorted(keys) == [f"{i:02d}.png" for i in range(24)]
+    errors = (out / "errors.jsonl").read_text().splitlines()
+    assert [json.loads(e)["key"] for e in errors] == ["zz-broken.png"]
+    assert not list(out.rglob(".*.tmp"))
