@@ -254,3 +254,34 @@ def test_hub_id_resolves_from_the_local_cache_offline(small_ref, tmp_path):
     assert "acme/not-cached" in result.stdout and "cache" in result.stdout
     with torch.no_grad():
         assert rel_err(torch.load(tmp_path / "out.pt"), small_ref.encode(x).latent_dist.parameters) <= 1e-5
+
+
+def test_encoder_only_file_gets_the_default_family_with_a_warning(full_refs, tmp_path):
+    state = {k: v.contiguous() for k, v in full_refs[4].state_dict().items() if k.startswith(("encoder.", "quant_"))}
+    path = tmp_path / "encoder-only.safetensors"
+    save_file(state, path)
+    with pytest.warns(UserWarning, match="family="):
+        enc = sdvae.load_encoder(path)
+    assert enc.config.family == "sd15" and enc.load_report.loaded == len(state)
+
+
+def test_incomplete_vae_file_names_file_and_tensor(small_state, tmp_path):
+    path = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in small_state.items() if k != "encoder.conv_out.weight"}, path)
+    with pytest.raises(ValueError, match=r"partial\.safetensors: incomplete VAE: encoder\.conv_out\.weight"):
+        sdvae.load_encoder(path)
+
+
+def test_unrelated_config_json_beside_a_file_is_ignored(full_refs, tmp_path):
+    save_file({k: v.contiguous() for k, v in full_refs[4].state_dict().items()}, tmp_path / "vae.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": 8}))
+    with pytest.warns(UserWarning, match="family="):
+        enc = sdvae.load_encoder(tmp_path / "vae.safetensors")
+    assert enc.config.family == "sd15"
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_fp16_ldm_pickles(small_ref, small_state, tmp_path, suffix):
+    path = tmp_path / f"vae{suffix}"
+    torch.save({k: v.half() for k, v in diffusers_to_ldm(small_state, 3).items()}, path)
+    assert_matches(copy.deepcopy(small_ref).half().float(), path, config=SMALL)

@@ -242,3 +242,22 @@ def test_decode_with_scaling_is_diffusers_decode_of_the_unscaled_latents(models,
     assert got.shape == (2, 3, 8, 16)
     assert rel_err(got, want) <= 1e-12
 
+
+
+def test_seeds_accept_numpy_ints_and_refuse_bools_and_overflow():
+    import numpy as np
+
+    dist = DiagonalGaussian(torch.zeros(2, 2, 3, 3))
+    assert torch.equal(dist.sample(seed=np.int64(3)), dist.sample(seed=3))
+    with pytest.raises(TypeError):
+        dist.sample(seed=True)
+    with pytest.raises(ValueError, match="64 bits"):
+        dist.sample(seed=2**64)
+
+
+def test_one_generator_in_a_list_is_a_single_generator_as_in_diffusers():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    dist = DiagonalGaussian(torch.zeros(2, 2, 3, 3))
+    want = randn_tensor((2, 1, 3, 3), generator=[torch.Generator().manual_seed(5)], device=torch.device("cpu"))
+    assert torch.equal(dist.sample(generator=[torch.Generator().manual_seed(5)]), want)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +18,9 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.devic
     Each row is drawn in float32 by its own CPU generator, then moved and cast, so it is the same on every device,
     in every dtype, batch size and batch position.
     """
+    for s in seeds:
+        if not -(2**63) <= s < 2**64:
+            raise ValueError(f"seed {s} does not fit in 64 bits")
     rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32)
             for s in seeds]
     return torch.stack(rows).to(device=device, dtype=dtype)
@@ -27,6 +32,8 @@ def generator_noise(shape: Sequence[int], generator: torch.Generator | list[torc
 
     The draw happens on the generator's device and is then moved; a list gives one generator per sample.
     """
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
@@ -77,9 +84,11 @@ class DiagonalGaussian:
 
 def per_sample_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
     """An int `s` becomes `[s, s+1, ...]`; a sequence must hold exactly one seed per sample."""
-    if isinstance(seed, int):
-        return [seed + i for i in range(batch)]
-    seeds = [int(s) for s in seed]
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int or a sequence of ints, got a bool")
+    if isinstance(seed, numbers.Integral):
+        return [int(seed) + i for i in range(batch)]
+    seeds = [operator.index(s) for s in seed]
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
     return seeds

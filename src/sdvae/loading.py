@@ -121,7 +121,7 @@ def _diffusers_config(path: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise ValueError(f"{path}: cannot read config: {e}") from e
-    return data if isinstance(data, dict) and data.get("_class_name", "AutoencoderKL") == "AutoencoderKL" else None
+    return data if isinstance(data, dict) and data.get("_class_name") == "AutoencoderKL" else None
 
 
 def _resolve_folder(folder: Path) -> tuple[Path, dict[str, Any] | None]:
@@ -197,8 +197,10 @@ def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str,
             shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks)))
         arch.setdefault("layers_per_block",
                         len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
-    arch["use_quant_conv"] = "quant_conv.weight" in names
-    arch["use_post_quant_conv"] = "post_quant_conv.weight" in names
+    if "encoder.conv_in.weight" in names:
+        arch["use_quant_conv"] = "quant_conv.weight" in names
+    if "decoder.conv_in.weight" in names:
+        arch["use_post_quant_conv"] = "post_quant_conv.weight" in names
     arch["mid_block_add_attention"] = any(".mid_block.attentions.0." in k for k in names)
     return arch
 
@@ -258,7 +260,11 @@ def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path
         return Checkpoint(path, tensors, keymap, VaeConfig.preset(family), f"family={family!r}")
     if found_config is not None:
         return Checkpoint(path, tensors, keymap, VaeConfig.from_diffusers(found_config), "config.json")
-    arch = _infer_architecture(tensors, keymap)
+    try:
+        arch = _infer_architecture(tensors, keymap)
+    except KeyError as e:
+        raise ValueError(f"{path}: incomplete VAE: {keymap.names.get(e.args[0], e.args[0])} is missing "
+                         "(as read from the other tensors' names)") from None
     name, candidates = _infer_family(keys, arch)
     if name is None:
         warnings.warn(f"{path}: the weights fit no known family; using scaling_factor "
