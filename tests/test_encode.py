@@ -193,3 +193,16 @@ def test_sigkill_then_resume_stores_every_image_once(model, images, tmp_path):
     errors = (out / "errors.jsonl").read_text().splitlines()
     assert [json.loads(e)["key"] for e in errors] == ["zz-broken.png"]
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_worker_processes_give_the_same_dataset_as_inline_decoding(model, images, tmp_path):
+    runs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        main(["encode", str(images), "--model", str(model), "--output", str(out), "--resolution", "64",
+              "--workers", workers, "--max-pixels", "100000"])
+        runs[workers] = {d["key"]: d for d in LatentDataset(out, mode=True)}
+    assert runs["0"].keys() == runs["2"].keys()
+    for key, item in runs["0"].items():
+        assert item["crop"] == runs["2"][key]["crop"]
+        assert torch.equal(item["mean"], runs["2"][key]["mean"]), key

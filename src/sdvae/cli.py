@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,13 +32,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run(Path(args.out))
 
 
+def _workers(args: argparse.Namespace) -> int:
+    if args.workers is not None:
+        return args.workers
+    return 0 if args.device == "cpu" else min(4, os.cpu_count() or 1)
+
+
 def _encode(args: argparse.Namespace) -> int:
     from .job import Settings, encode_dataset
 
     settings = Settings(resolution=args.resolution, buckets=args.buckets, crop=args.crop, flip=args.flip,
                         seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels)
     counts = encode_dataset(args.inputs, args.model, args.output, settings, family=args.family,
-                            batch_size=args.batch_size, device=args.device, workers=args.workers,
+                            batch_size=args.batch_size, device=args.device, workers=_workers(args),
                             shard_size=args.shard_size, resume=args.resume, overwrite=args.overwrite)
     print(f"encoded {counts['encoded']}, failed {counts['failed']}, already stored {counts['skipped']}: "
           f"{args.output}" + (f" (failures in {args.output}/errors.jsonl)" if counts["failed"] else ""))
@@ -99,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the stored mean and logvar (default: %(default)s)")
     encode.add_argument("--family", help="family preset when the checkpoint does not say (sd15, sdxl, sd3, flux, ...)")
     encode.add_argument("--seed", type=int, default=0, help="seed for random crops (default: %(default)s)")
-    encode.add_argument("--workers", type=int, default=2,
-                        help="processes decoding images while the model runs; 0 decodes inline (default: %(default)s)")
+    encode.add_argument("--workers", type=int,
+                        help="processes decoding images while the model runs; 0 decodes inline (default: 0 when the "
+                             "model runs on the CPU, where it needs every core, else up to 4)")
     encode.add_argument("--shard-size", type=int, help="images per shard (default: about 256 MB of latents)")
     encode.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="larger images are refused as decompression bombs (default: %(default)s)")
