@@ -206,3 +206,14 @@ def test_worker_processes_give_the_same_dataset_as_inline_decoding(model, images
     for key, item in runs["0"].items():
         assert item["crop"] == runs["2"][key]["crop"]
         assert torch.equal(item["mean"], runs["2"][key]["mean"]), key
+
+
+def test_decode_writes_a_row_of_previews(model, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    encode(images / "a.png", images / "b.jpg", "--model", model, "--output", out, "--buckets", "--resolution", "128")
+    buckets = [d["bucket"] for d in LatentDataset(out)]
+    assert main(["decode", str(out), "--index", "0", "1", "--out", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (sum(w for w, _ in buckets), max(h for _, h in buckets))
+    assert main(["decode", str(out), "--index", "5", "--out", str(tmp_path / "x.png")]) == 2
+    assert "out of range" in capsys.readouterr().err
