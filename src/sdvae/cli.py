@@ -90,13 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode images into a sharded latent dataset (safetensors shards, Parquet metadata).",
         epilog="exit status: 0 when every input was encoded, 1 when some failed (listed in DIR/errors.jsonl), "
                "2 on a usage or setup error (nothing encoded).")
-    encode.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive), text files of paths")
+    encode.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (recursive), text files of paths")
     encode.add_argument("--model", required=True, help="VAE checkpoint: file, diffusers/pipeline folder or hub id")
     encode.add_argument("--output", required=True, help="dataset folder to write")
     encode.add_argument("--resolution", type=int, help="target side in pixels (default: the config's sample_size)")
     encode.add_argument("--buckets", action="store_true",
-                        help="aspect-ratio buckets of area ~resolution^2, sides multiples of 64 (default: square crops)")
-    encode.add_argument("--crop", choices=("center", "random"), default="center", help="crop position (random is seeded)")
+                        help="aspect-ratio buckets of area ~resolution^2, sides multiples of 64 "
+                             "(default: square crops)")
+    encode.add_argument("--crop", choices=("center", "random"), default="center",
+                        help="crop position (random is seeded)")
     encode.add_argument("--flip", action="store_true", help="also store the latent of the horizontally flipped image")
     encode.add_argument("--batch-size", type=int, default=8)
     encode.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")

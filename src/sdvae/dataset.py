@@ -28,8 +28,6 @@ from .scaling import scale_latents
 
 FORMAT = "sdvae-latents/1"
 MANIFEST = "manifest.json"
-COLUMNS = ("key", "source", "caption", "original_size", "crop", "bucket", "flipped", "shard", "tensor", "row",
-           "settings_id")
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 

@@ -124,7 +124,9 @@ class Progress:
     """A tqdm bar on a terminal; otherwise a log line every few seconds. Counts images and reports images/s."""
 
     def __init__(self, total: int, interval: float = 10.0):
-        self.total, self.done, self.failed, self.start, self.last, self.interval = total, 0, 0, time.time(), 0.0, interval
+        self.total, self.interval = total, interval
+        self.done = self.failed = 0
+        self.start, self.last = time.time(), 0.0
         self.bar = None
         if sys.stderr.isatty():
             try:
@@ -159,7 +161,8 @@ def _prepare_output(root: Path, manifest: dict[str, Any], resume: bool, overwrit
             shutil.rmtree(root / name, ignore_errors=True)
         (root / "errors.jsonl").unlink(missing_ok=True)
     elif existing is not None and existing.get("settings_id") != manifest["settings_id"]:
-        changed = sorted(k for k in manifest["settings"] if existing.get("settings", {}).get(k) != manifest["settings"][k])
+        before = existing.get("settings", {})
+        changed = sorted(k for k, v in manifest["settings"].items() if before.get(k) != v)
         raise ValueError(f"{root}: holds latents written with other settings ({', '.join(changed) or 'model'}); "
                          "use another --output, or --overwrite to replace them")
     elif existing is not None and not resume:
@@ -184,14 +187,14 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     if settings.resolution is None:
         settings = replace(settings, resolution=encoder.config.sample_size)
     model_path = Path(encoder.load_report.source)
-    shape_settings = {**asdict(settings), "model_sha256": file_sha256(model_path),
-                      "config": encoder.config.to_diffusers()}
+    config = encoder.config.to_diffusers()
+    shape_settings = {**asdict(settings), "model_sha256": file_sha256(model_path), "config": config}
     store_dtype = STORE_DTYPES[settings.store_dtype]
     manifest = {
         "format": FORMAT, "sdvae_version": __version__, "settings_id": settings_id(shape_settings),
         "settings": shape_settings, "model": {"source": str(model), "file": str(model_path),
                                               "sha256": shape_settings["model_sha256"]},
-        "config": encoder.config.to_diffusers(), "family": encoder.config.family,
+        "config": config, "family": encoder.config.family,
         "scaling_factor": encoder.config.scaling_factor, "shift_factor": encoder.config.shift_factor,
         "latents": "mean and logvar (clamped to [-30, 20]) of the VAE posterior, stored as " + settings.store_dtype,
     }

@@ -6,6 +6,7 @@ Layouts: diffusers (current and deprecated attention names), CompVis/LDM, each b
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,25 +51,50 @@ def is_ldm(keys: Iterable[str]) -> bool:
     return any(pattern.match(k) for k in keys)
 
 
-def _ldm_to_diffusers(key: str, num_up_blocks: int) -> str:
-    half, rest = key.split(".", 1)
+# Every renamed tensor below `encoder.`/`decoder.`, as (LDM name, diffusers name). Placeholders: {d} down block,
+# {u} up block (LDM counts up blocks from the bottom, diffusers from the top), {j} resnet, {m} mid resnet
+# (LDM block_1/2, diffusers 0/1), {r} resnet layer, {a} attention layer, {p} weight or bias.
+_RULES = (
+    ("down.{d}.block.{j}.{r}.{p}", "down_blocks.{d}.resnets.{j}.{r}.{p}"),
+    ("down.{d}.downsample.conv.{p}", "down_blocks.{d}.downsamplers.0.conv.{p}"),
+    ("up.{u}.block.{j}.{r}.{p}", "up_blocks.{u}.resnets.{j}.{r}.{p}"),
+    ("up.{u}.upsample.conv.{p}", "up_blocks.{u}.upsamplers.0.conv.{p}"),
+    ("mid.block_{m}.{r}.{p}", "mid_block.resnets.{m}.{r}.{p}"),
+    ("mid.attn_1.{a}.{p}", "mid_block.attentions.0.{a}.{p}"),
+    ("norm_out.{p}", "conv_norm_out.{p}"),
+)
+_PLACEHOLDER = {"d": r"\d+", "u": r"\d+", "j": r"\d+", "m": r"\d+", "r": r"\w+", "a": r"[\w.]+", "p": r"\w+"}
+
+
+@functools.cache
+def _pattern(template: str) -> re.Pattern[str]:
+    escaped = template.replace(".", r"\.")
+    return re.compile(re.sub(r"\{(\w)\}", lambda m: f"(?P<{m[1]}>{_PLACEHOLDER[m[1]]})", escaped))
+
+
+def _translate(placeholder: str, value: str, num_blocks: int, to_diffusers: bool) -> str:
+    if placeholder == "u":
+        return str(num_blocks - 1 - int(value))
+    if placeholder == "m":
+        return str(int(value) + (-1 if to_diffusers else 1))
+    if placeholder in ("r", "a"):
+        table = _LDM_RESNET if placeholder == "r" else _LDM_ATTENTION
+        table = table if to_diffusers else {v: k for k, v in table.items()}
+        return table.get(value, value)
+    return value
+
+
+def _rename(key: str, num_blocks: int, to_diffusers: bool) -> str:
+    """Rename one key between the LDM and diffusers layouts through `_RULES`; other keys pass unchanged."""
+    half, _, rest = key.partition(".")
     if half not in ("encoder", "decoder"):
         return key
-    if m := re.fullmatch(r"(down|up)\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)", rest):
-        kind, i, j, name, param = m.groups()
-        block = int(i) if kind == "down" else num_up_blocks - 1 - int(i)
-        rest = f"{kind}_blocks.{block}.resnets.{j}.{_LDM_RESNET.get(name, name)}.{param}"
-    elif m := re.fullmatch(r"down\.(\d+)\.downsample\.conv\.(\w+)", rest):
-        rest = f"down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-    elif m := re.fullmatch(r"up\.(\d+)\.upsample\.conv\.(\w+)", rest):
-        rest = f"up_blocks.{num_up_blocks - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-    elif m := re.fullmatch(r"mid\.block_([12])\.(\w+)\.(\w+)", rest):
-        rest = f"mid_block.resnets.{int(m[1]) - 1}.{_LDM_RESNET.get(m[2], m[2])}.{m[3]}"
-    elif m := re.fullmatch(r"mid\.attn_1\.(\w+)\.(\w+)", rest):
-        rest = f"mid_block.attentions.0.{_LDM_ATTENTION.get(m[1], m[1])}.{m[2]}"
-    elif m := re.fullmatch(r"norm_out\.(\w+)", rest):
-        rest = f"conv_norm_out.{m[1]}"
-    return f"{half}.{rest}"
+    for ldm, diffusers in _RULES:
+        source, target = (ldm, diffusers) if to_diffusers else (diffusers, ldm)
+        if m := _pattern(source).fullmatch(rest):
+            values = {k: _translate(k, v, num_blocks, to_diffusers) for k, v in m.groupdict().items()}
+            return f"{half}.{target.format(**values)}"
+    return key
 
 
 def _deprecated_to_current(key: str) -> str:
@@ -86,7 +112,7 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
         layout = "ldm"
         ups = [int(m[1]) for k in inner if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
         num_up = max(ups) + 1 if ups else 0
-        inner = {_ldm_to_diffusers(k, num_up): src for k, src in inner.items()}
+        inner = {_rename(k, num_up, to_diffusers=True): src for k, src in inner.items()}
     renamed = {_deprecated_to_current(k): src for k, src in inner.items()}
     if renamed.keys() != inner.keys():
         layout += "+deprecated-attention"
@@ -95,26 +121,7 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
 
 def ldm_name(key: str, num_blocks: int) -> str:
     """The CompVis/LDM name of a diffusers key (the inverse of `map_keys`' renaming), for writing LDM files."""
-    half, rest = key.split(".", 1)
-    if half not in ("encoder", "decoder"):
-        return key
-    attention = {v: k for k, v in _LDM_ATTENTION.items()}
-    resnet = {v: k for k, v in _LDM_RESNET.items()}
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)", rest):
-        kind, i, j, name, param = m.groups()
-        block = int(i) if kind == "down" else num_blocks - 1 - int(i)
-        rest = f"{kind}.{block}.block.{j}.{resnet.get(name, name)}.{param}"
-    elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", rest):
-        rest = f"down.{m[1]}.downsample.conv.{m[2]}"
-    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", rest):
-        rest = f"up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    elif m := re.fullmatch(r"mid_block\.resnets\.([01])\.(\w+)\.(\w+)", rest):
-        rest = f"mid.block_{int(m[1]) + 1}.{resnet.get(m[2], m[2])}.{m[3]}"
-    elif m := re.fullmatch(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)", rest):
-        rest = f"mid.attn_1.{attention[m[1]]}.{m[2]}"
-    elif m := re.fullmatch(r"conv_norm_out\.(\w+)", rest):
-        rest = f"norm_out.{m[1]}"
-    return f"{half}.{rest}"
+    return _rename(key, num_blocks, to_diffusers=False)
 
 
 def to_ldm(state_dict: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:

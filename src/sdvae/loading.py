@@ -188,7 +188,8 @@ def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str,
         blocks = sorted({int(m[1]) for k in names if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
         arch["block_out_channels"] = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]
                                            for i in blocks)
-        arch["layers_per_block"] = len({k.split(".")[4] for k in names if k.startswith("encoder.down_blocks.0.resnets.")})
+        first = "encoder.down_blocks.0.resnets."
+        arch["layers_per_block"] = len({k.split(".")[4] for k in names if k.startswith(first)})
     if "decoder.conv_in.weight" in names:
         arch["out_channels"] = shape("decoder.conv_out.weight")[0]
         arch.setdefault("latent_channels", shape("decoder.conv_in.weight")[1])

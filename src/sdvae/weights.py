@@ -80,6 +80,6 @@ def convert_state_dict(
                         + ", ".join(foreign))
     if problems:
         raise ValueError(f"{source}: " + "\n  ".join(problems))
-    report = DropReport(source=source, layout=keymap.layout, prefix=keymap.prefix, loaded=len(out), dropped=tuple(dropped),
-                        foreign=tuple(foreign))
+    report = DropReport(source=source, layout=keymap.layout, prefix=keymap.prefix, loaded=len(out),
+                        dropped=tuple(dropped), foreign=tuple(foreign))
     return out, report
