@@ -22,7 +22,7 @@ from sdvae.images import image_to_tensor
 from sdvae.preprocess import load_rgb, make_buckets, nearest_bucket, prepare
 
 TINY = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
-GOOD = ["a.png", "b.jpg", "nested/c.webp", "cmyk.jpg", "grey16.png", "palette.png", "rgba.png", "la.png",
+GOOD = ["a.png", "b.jpg", "nested/c.webp", "cmyk.jpg", "grey.png", "grey16.png", "palette.png", "rgba.png", "la.png",
         "rotated.jpg", "tiny.png"]
 BROKEN = ["empty.png", "truncated.png", "text.jpg", "bomb.png"]
 
@@ -48,6 +48,7 @@ def images(tmp_path_factory):
     Image.fromarray(noise(64, 64, seed=2)).save(root / "nested/c.webp")
     Image.frombytes("CMYK", (80, 80), noise(80, 80, 4, seed=3).tobytes()).save(root / "cmyk.jpg")
     Image.fromarray(noise(70, 90, 1, seed=4)[..., 0].astype(np.uint16) * 257).save(root / "grey16.png")
+    Image.fromarray(noise(70, 90, 1, seed=4)[..., 0]).save(root / "grey.png")
     Image.fromarray(noise(66, 66, seed=5)).convert("P", palette=Image.Palette.ADAPTIVE).save(
         root / "palette.png", transparency=0)
     Image.fromarray(noise(72, 100, 4, seed=6)).save(root / "rgba.png")
@@ -121,6 +122,7 @@ def test_modes_convert_as_users_expect(images):
     assert np.abs(np.asarray(load_rgb(images / "rgba.png")).astype(float) - want).max() <= 1
     grey = np.asarray(Image.open(images / "grey16.png")).astype(float) / 257
     assert np.abs(np.asarray(load_rgb(images / "grey16.png"))[..., 0] - grey).max() <= 0.5
+    assert np.array_equal(np.asarray(load_rgb(images / "grey.png")), np.asarray(load_rgb(images / "grey16.png")))
     assert load_rgb(images / "rotated.jpg").size == (60, 100)
     assert load_rgb(images / "cmyk.jpg").mode == "RGB"
 
