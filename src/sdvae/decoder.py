@@ -43,6 +43,7 @@ class VaeDecoder(VaeModule):
         n = config.latent_channels
         self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else None
         self.decoder = Decoder(config)
+        self._channels_last()
 
     def _images(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
@@ -52,7 +53,7 @@ class VaeDecoder(VaeModule):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Images `[B, out_channels, 8h, 8w]` (nominally in [-1, 1]) from VAE latents `[B, L, h, w]`."""
         z = self._check_input(z, self.config.latent_channels, 1, "latents")
-        return self._guarded(self._images, z)
+        return self._guarded(self._images, z).contiguous()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images from unscaled VAE latents (a sample or the mean of `VaeEncoder.encode`)."""

@@ -47,6 +47,7 @@ class VaeEncoder(VaeModule):
         self.encoder = Encoder(config)
         n = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
+        self._channels_last()
 
     def _params(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)
@@ -55,7 +56,7 @@ class VaeEncoder(VaeModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw distribution parameters `[B, 2L, H/8, W/8]` (mean and logvar stacked on channels, unclamped)."""
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
-        return self._guarded(self._params, x)
+        return self._guarded(self._params, x).contiguous()
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """The latent distribution of each image: `.mean`, `.logvar` (clamped), `.std`, `.mode()`, `.sample()`."""

@@ -14,8 +14,12 @@ def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """SiLU(GroupNorm(x)): the pair that opens every resnet branch and closes both halves."""
-    return F.silu(norm(x))
+    """SiLU(GroupNorm(x)): the pair that opens every resnet branch and closes both halves.
+
+    The SiLU runs in place on the fresh GroupNorm output (no second full-size tensor) unless autograd needs it.
+    """
+    h = norm(x)
+    return F.silu(h, inplace=not h.requires_grad)
 
 
 class ResnetBlock(nn.Module):
@@ -30,10 +34,11 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One statement per step so each intermediate is freed as soon as the next one exists.
         h = self.conv1(norm_silu(self.norm1, x))
-        h = self.conv2(norm_silu(self.norm2, h))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        h = norm_silu(self.norm2, h)
+        h = self.conv2(h)
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Attention(nn.Module):
@@ -49,11 +54,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)
-        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        out = self.to_out[0](out)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        # [B, C, H, W] -> [B, HW, C]: a view, not a copy, for channels-last input.
+        tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
+        out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2).add_(x)
 
 
 class MidBlock(nn.Module):

@@ -35,7 +35,11 @@ class VaeModule(nn.Module):
             raise ValueError(f"{what} of shape {list(x.shape)} is too small: H and W must be at least {min_size}")
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point {what}, got {x.dtype}")
-        return x.to(self.dtype)
+        return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+
+    def _channels_last(self) -> None:
+        """Store conv weights channels-last: with channels-last activations, the fast layout on CPU and GPU."""
+        self.to(memory_format=torch.channels_last)
 
     def _guarded(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """`run(x)` in the module's dtype; a float16 result with inf/NaN is recomputed by `forward` in float32.
@@ -64,6 +68,7 @@ class VaeModule(nn.Module):
         dtype = self.dtype
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
         self.load_state_dict(tensors, strict=True, assign=on_meta)
+        self._channels_last()
         return report
 
 

@@ -1,0 +1,198 @@
+"""sdvae vs diffusers: encoder time, peak memory and error, beside the conv floor. Prints one markdown table.
+
+Every measurement runs in a fresh process (clean peak-memory readings) on the same random SD 1.5 weights and
+input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2]
+  time: best of a few runs after a warm-up at 64 px; peak: rise of resident memory (VmHWM) during the timed runs,
+  model loaded; err: relative L2 error of the mean against float32 diffusers (eager).
+  floor: the encoder's convolutions alone, channels-last float32, same shapes (what no float32 encoder can beat).
+  openvino rows appear when the `bench` extra (openvino) is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+KINDS = ("diffusers", "diffusers-cl", "sdvae", "floor", "openvino")
+
+
+def cpu() -> tuple[str, set[str]]:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    return fields.get("Model name", "?").strip(), flags
+
+
+def native_bf16(flags: set[str]) -> bool:
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def build(kind: str, weights: Path, dtype: torch.dtype):
+    """A callable images -> mean for one implementation, loaded from the shared weights file."""
+    from safetensors.torch import load_file
+
+    from sdvae import VaeConfig
+
+    config = VaeConfig.preset("sd15")
+    state = load_file(weights)
+    if kind == "sdvae":
+        from sdvae import load_encoder
+
+        enc = load_encoder(weights, family="sd15", dtype=dtype)
+        return lambda x: enc.encode(x).mean
+    from diffusers import AutoencoderKL
+
+    ref = AutoencoderKL(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")})
+    missing, _ = ref.load_state_dict(state, strict=False)
+    assert not [k for k in missing if k.startswith(("encoder.", "quant_conv."))], missing
+    ref = ref.to(dtype).eval()
+    if kind == "diffusers":
+        return lambda x: ref.encode(x).latent_dist.mean
+    if kind == "diffusers-cl":
+        ref = ref.to(memory_format=torch.channels_last)
+        return lambda x: ref.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mean
+    if kind == "openvino":
+        import openvino as ov
+
+        class Params(torch.nn.Module):
+            def forward(self, x):
+                return ref.quant_conv(ref.encoder(x))
+
+        model = ov.convert_model(Params().float(), example_input=torch.zeros(1, 3, 64, 64))
+        hint = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"}
+        compiled = ov.Core().compile_model(model, "CPU", hint)
+        return lambda x: torch.from_numpy(compiled(x.float().numpy())[0]).chunk(2, dim=1)[0]
+    raise ValueError(kind)
+
+
+def conv_floor(weights: Path, size: int, reps: int) -> float:
+    """Seconds for the encoder's convolutions alone (channels-last float32) at `size` px."""
+    from sdvae import load_encoder
+
+    enc = load_encoder(weights, family="sd15")
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: calls.append((m, a[0].clone())))
+             for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        enc(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(reps):
+            start = time.perf_counter()
+            for conv, x in calls:
+                conv(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def worker(kind: str, size: int, dtype_name: str, weights: Path, out: Path) -> None:
+    dtype = getattr(torch, dtype_name)
+    reps = 3 if size <= 256 else 2 if size <= 512 else 1
+    if kind == "floor":
+        out.write_text(json.dumps({"seconds": conv_floor(weights, size, reps)}))
+        return
+    run = build(kind, weights, dtype)
+    x = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
+    with torch.no_grad():
+        run(torch.zeros(1, 3, 64, 64, dtype=dtype))
+        reset_peak()
+        base = rss_kib("VmRSS")
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            mean = run(x)
+            best = min(best, time.perf_counter() - start)
+    peak = (rss_kib("VmHWM") - base) / 1024
+    torch.save(mean.float(), out.with_suffix(".pt"))
+    out.write_text(json.dumps({"seconds": best, "peak_mib": peak}))
+
+
+def measure(kind: str, size: int, dtype: str, weights: Path, tmp: Path, threads: int) -> dict | None:
+    out = tmp / f"{kind}-{size}-{dtype}.json"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(HERE), "--worker", kind, str(size), dtype, str(weights), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  {kind} {size} {dtype} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    result = json.loads(out.read_text())
+    if out.with_suffix(".pt").exists():
+        result["mean"] = torch.load(out.with_suffix(".pt"))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=5)
+    args = parser.parse_args()
+    if args.worker:
+        kind, size, dtype, weights, out = args.worker
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        return worker(kind, int(size), dtype, Path(weights), Path(out))
+
+    from safetensors.torch import save_file
+
+    from sdvae import VaeConfig, VaeEncoder
+
+    name, flags = cpu()
+    dtypes = ["float32"] + (["bfloat16"] if native_bf16(flags) else [])
+    try:
+        import openvino  # noqa: F401
+        kinds = KINDS
+    except ImportError:
+        kinds = KINDS[:-1]
+    tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
+    weights = tmp / "sd15-vae.safetensors"
+    torch.manual_seed(0)
+    encoder = VaeEncoder(VaeConfig.preset("sd15"))
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, weights)
+    shown = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    print(f"CPU: {name} ({', '.join(shown)}), {args.threads} threads, torch {torch.__version__}, "
+          f"SD 1.5 encoder, random weights, batch 1")
+    if "bfloat16" not in dtypes:
+        print("no native bfloat16 on this CPU: bfloat16 rows skipped")
+    print("| size | dtype | impl | time s | peak MiB | time / diffusers | time / floor | peak / diffusers | err vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        floor = measure("floor", size, "float32", weights, tmp, args.threads)
+        base = None
+        for dtype in dtypes:
+            results = {k: measure(k, size, dtype, weights, tmp, args.threads) for k in kinds if k != "floor"}
+            base = base if base is not None else results["diffusers"]
+            for kind, r in results.items():
+                if r is None:
+                    continue
+                ref = results["diffusers"]
+                err = ((r["mean"] - base["mean"]).norm() / base["mean"].norm()).item()
+                print(f"| {size} | {dtype} | {kind} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | "
+                      f"{r['seconds'] / ref['seconds']:.2f} | {r['seconds'] / floor['seconds']:.2f} | "
+                      f"{r['peak_mib'] / ref['peak_mib']:.2f} | {err:.1e} |")
+        print(f"| {size} | float32 | conv floor | {floor['seconds']:.2f} | | | 1.00 | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The fast path is the default one: channels-last weights and activations, in-place SiLU and residual adds.
+
+Not timed (speed lives in bench/); these checks make a regression to the slow path visible.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.profiler import profile
+
+from reference import random_images, reference_vae, rel_err
+from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_encoder
+
+SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8)
+
+
+def conv_inputs_layouts(module, x):
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last))) for m in module.modules()
+        if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        module(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_weights_and_activations_are_channels_last_by_default(tmp_path):
+    reference_vae(SMALL).save_pretrained(tmp_path)
+    for enc in (VaeEncoder(SMALL), load_encoder(tmp_path)):
+        convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        assert all(conv_inputs_layouts(enc, random_images(1, 16, 24)))
+    dec = VaeDecoder(SMALL)
+    assert all(conv_inputs_layouts(dec, torch.randn(1, 4, 3, 5)))
+
+
+def test_inference_uses_in_place_silu_and_residual_adds():
+    enc = VaeEncoder(SMALL).eval()
+    with torch.no_grad(), profile() as prof:
+        enc(random_images(1, 16, 24))
+    ops = {e.name for e in prof.events()}
+    assert "aten::silu_" in ops and "aten::silu" not in ops
+    assert "aten::add_" in ops and "aten::add" not in ops
+
+
+def test_gradients_still_flow_through_the_encoder():
+    enc = VaeEncoder(SMALL)
+    x = random_images(1, 16, 16).requires_grad_()
+    enc(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_bfloat16_fast_path_is_as_close_to_float32_as_diffusers_bfloat16(family):
+    config = VaeConfig.preset(family)
+    ref = reference_vae(config, seed=4)
+    enc = VaeEncoder(config)
+    enc.load_hf_state_dict(ref.state_dict())
+    x = random_images(1, 32, 48)
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist.mean
+        theirs = copy.deepcopy(ref).to(torch.bfloat16).encode(x.bfloat16()).latent_dist.mean
+        got = enc.to(torch.bfloat16).encode(x).mean
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) <= 1.15 * rel_err(theirs, want)  # same precision class as diffusers
+    assert rel_err(got, want) <= 3e-2
