@@ -12,6 +12,7 @@ from .distribution import DiagonalGaussian
 from .layers import DownBlock, MidBlock, group_norm, norm_silu
 from .module import VaeModule
 from .scaling import scale_latents
+from .tiling import tiled_params
 
 
 class Encoder(nn.Module):
@@ -49,28 +50,35 @@ class VaeEncoder(VaeModule):
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
         self._channels_last()
 
-    def _params(self, x: torch.Tensor) -> torch.Tensor:
+    def _params(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+        if tile_size is not None:
+            return tiled_params(self.encoder, self.quant_conv, x, tile_size)
         h = self.encoder(x)
         return h if self.quant_conv is None else self.quant_conv(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw distribution parameters `[B, 2L, H/8, W/8]` (mean and logvar stacked on channels, unclamped)."""
-        x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
-        return self._guarded(self._params, x).contiguous()
+    def forward(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+        """Raw distribution parameters `[B, 2L, H/8, W/8]` (mean and logvar stacked on channels, unclamped).
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        `tile_size` (pixels) runs the exact tiled encoder: the same result in less memory (see `sdvae.tiling`).
+        """
+        x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
+        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
+            raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size!r}")
+        return self._guarded(self._params, x, tile_size=tile_size).contiguous()
+
+    def encode(self, x: torch.Tensor, tile_size: int | None = None) -> DiagonalGaussian:
         """The latent distribution of each image: `.mean`, `.logvar` (clamped), `.std`, `.mode()`, `.sample()`."""
-        return DiagonalGaussian(self(x))
+        return DiagonalGaussian(self(x, tile_size=tile_size))
 
     def encode_with_scaling(self, x: torch.Tensor, seed: int | Sequence[int] | None = None,
                             generator: torch.Generator | list[torch.Generator] | None = None,
-                            mode: bool = False) -> torch.Tensor:
+                            mode: bool = False, tile_size: int | None = None) -> torch.Tensor:
         """Latents ready for a diffusion model: `(z - shift_factor) * scaling_factor`.
 
         `z` is a sample (seeded per image with `seed`, or drawn from `generator` as diffusers does) or, with
         `mode=True`, the mean.
         """
-        dist = self.encode(x)
+        dist = self.encode(x, tile_size=tile_size)
         if mode:
             if seed is not None or generator is not None:
                 raise ValueError("mode=True takes no seed or generator: it returns the mean")

@@ -1,0 +1,82 @@
+"""The tiled encoder equals the untiled one; an estimate of the GroupNorm statistics would not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sdvae.tiling
+from reference import random_images, reference_vae, rel_err
+from sdvae import VaeConfig, VaeEncoder
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+# Every architecture variant of the family table; CogView at reduced width to keep float64 quick.
+CONFIGS = {
+    "sd15": VaeConfig.preset("sd15"),
+    "sd3": VaeConfig.preset("sd3"),
+    "cogview-narrow": VaeConfig.preset("cogview").replace(block_out_channels=(32, 64, 64, 64), norm_num_groups=16),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def encoder(request):
+    config = CONFIGS[request.param]
+    enc = VaeEncoder(config).double()
+    enc.load_hf_state_dict(reference_vae(config, seed=8).state_dict())
+    return enc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tile_size", [16, 40])
+def test_tiled_equals_untiled(encoder, dtype, tile_size):
+    enc = encoder.to(dtype)
+    x = random_images(2, 75, 53, dtype=dtype)  # not a multiple of the tile size, of 64 or of 8
+    with torch.no_grad():
+        want = enc.encode(x)
+        got = enc.encode(x, tile_size=tile_size)
+    assert got.mean.shape == want.mean.shape
+    assert rel_err(got.mean, want.mean) <= TOLERANCE[dtype]
+    assert rel_err(got.logvar, want.logvar) <= TOLERANCE[dtype]
+
+
+def test_pooled_tile_variances_would_fail_the_same_test(encoder, monkeypatch):
+    """Dropping the between-tile term, as pooled-variance tilers do, is caught by the tolerance above."""
+    enc = encoder.to(torch.float32)
+    x = random_images(1, 75, 53)
+    with torch.no_grad():
+        want = enc.encode(x)
+        monkeypatch.setattr(sdvae.tiling, "merge_stats", lambda a, b: (a[0] + b[0], (a[0] * a[1] + b[0] * b[1])
+                                                                      / (a[0] + b[0]), a[2] + b[2]))
+        pooled = enc.encode(x, tile_size=16)
+    assert rel_err(pooled.mean, want.mean) > 100 * TOLERANCE[torch.float32]
+
+
+def test_tiled_scaling_and_sampling_match_untiled(encoder):
+    enc = encoder.to(torch.float64)
+    x = random_images(2, 40, 48, dtype=torch.float64)
+    with torch.no_grad():
+        want = enc.encode_with_scaling(x, seed=3)
+        got = enc.encode_with_scaling(x, seed=3, tile_size=24)
+    assert rel_err(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, "64"])
+def test_bad_tile_size_is_refused(bad):
+    enc = VaeEncoder(VaeConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8))
+    with pytest.raises(ValueError, match="tile_size"):
+        enc(torch.zeros(1, 3, 8, 8), tile_size=bad)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_blocked_online_softmax_attention_equals_full_attention(block):
+    from sdvae.layers import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(64, 8).double()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.normal_(0, 0.3)
+        x = torch.randn(2, 64, 5, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        want = attention(x.clone())
+        got = sdvae.tiling.tiled_attention(attention, x.clone(), tile=2, block=block)
+    assert rel_err(got, want) <= 1e-12
