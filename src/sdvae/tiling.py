@@ -20,6 +20,7 @@ from torch import nn
 from .layers import Attention, ResnetBlock
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2 per (sample, group), float64
+STATS_CHUNK = 1024  # pixels per chunk of the squared-deviation pass
 ATTENTION_BLOCK = 4096  # tokens per query and key block: a 4096 x 4096 float32 score block is 64 MiB
 
 
@@ -29,13 +30,20 @@ def spans(length: int, size: int) -> list[tuple[int, int]]:
 
 
 def tile_stats(x: torch.Tensor, groups: int) -> Stats:
-    """(count, mean, M2) per sample and group of one tile: computed in the tile's dtype, returned in float64."""
+    """(count, mean, M2) per sample and group of one tile, returned in float64.
+
+    Per channel first, in the tile's dtype and in two passes (mean, then squared deviations over cache-sized
+    chunks); the channels of a group are then merged exactly in float64.
+    """
     b, c, h, w = x.shape
-    # [B, H, W, G, C/G]: a view for a channels-last band of full rows, a copy otherwise
-    values = x.permute(0, 2, 3, 1).reshape(b, h * w, groups, c // groups)
-    var, mean = torch.var_mean(values, dim=(1, 3), correction=0)
-    n = h * w * (c // groups)
-    return torch.full_like(mean, n, dtype=torch.float64), mean.double(), var.double() * n
+    values = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for a channels-last band of full rows
+    mean = values.mean(1, keepdim=True)
+    m2 = sum((chunk - mean).square_().sum(1) for chunk in values.split(STATS_CHUNK, dim=1))
+    channel_mean = mean[:, 0].double().view(b, groups, -1)
+    group_mean = channel_mean.mean(-1)
+    spread = (channel_mean - group_mean[..., None]).square().sum(-1)
+    group_m2 = m2.double().view(b, groups, -1).sum(-1) + h * w * spread
+    return torch.full_like(group_mean, h * w * (c // groups)), group_mean, group_m2
 
 
 def merge_stats(a: Stats, b: Stats) -> Stats:
