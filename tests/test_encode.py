@@ -219,3 +219,16 @@ def test_decode_writes_a_row_of_previews(model, images, tmp_path, capsys):
     assert grid.size == (sum(w for w, _ in buckets), max(h for _, h in buckets))
     assert main(["decode", str(out), "--index", "5", "--out", str(tmp_path / "x.png")]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_tile_size_and_max_memory_change_memory_not_latents(model, images, tmp_path):
+    plain, tiled, budget = tmp_path / "plain", tmp_path / "tiled", tmp_path / "budget"
+    common = [images / "a.png", images / "b.jpg", "--model", model, "--resolution", "128"]
+    encode(*common, "--output", plain)
+    encode(*common, "--output", tiled, "--tile-size", "16")
+    encode(*common, "--output", budget, "--max-memory", "14MiB")  # untiled needs ~16, tiled ~12
+    want = {d["key"]: d for d in LatentDataset(plain, mode=True)}
+    for out in (tiled, budget):
+        for item in LatentDataset(out, mode=True):
+            assert rel_err(item["mean"], want[item["key"]]["mean"]) <= 1e-5
+            assert rel_err(item["logvar"], want[item["key"]]["logvar"]) <= 1e-5

@@ -80,3 +80,31 @@ def test_blocked_online_softmax_attention_equals_full_attention(block):
         want = attention(x.clone())
         got = sdvae.tiling.tiled_attention(attention, x.clone(), tile=2, block=block)
     assert rel_err(got, want) <= 1e-12
+
+
+def test_memory_sizes_parse_and_bad_ones_are_named():
+    from sdvae.tiling import parse_memory
+
+    assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("1.5 GB") == 1_500_000_000
+    assert parse_memory(4096) == 4096 and parse_memory("800m") == 800_000_000
+    for bad in ("lots", "2 GiBs", "-1GB", 0, True):
+        with pytest.raises(ValueError, match="max_memory"):
+            parse_memory(bad)
+
+
+def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, caplog):
+    from sdvae.tiling import tiled_peak, untiled_peak
+
+    enc = encoder.to(torch.float32)
+    x = random_images(1, 96, 80)
+    shape = tuple(x.shape)
+    budget = (untiled_peak(enc.config, shape, x.dtype) + tiled_peak(enc.config, shape, x.dtype, 32)) // 2
+    assert tiled_peak(enc.config, shape, x.dtype, 32) < budget < untiled_peak(enc.config, shape, x.dtype)
+    with torch.no_grad():
+        want = enc(x)
+        with caplog.at_level("INFO", logger="sdvae"):
+            got = enc(x, max_memory=budget)
+    assert "exact tiles" in caplog.text
+    assert rel_err(got, want) <= 1e-5
+    with pytest.raises(MemoryError, match="even in tiles"):
+        enc(x, max_memory="1KiB")

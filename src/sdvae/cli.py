@@ -45,7 +45,8 @@ def _encode(args: argparse.Namespace) -> int:
                         seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels)
     counts = encode_dataset(args.inputs, args.model, args.output, settings, family=args.family,
                             batch_size=args.batch_size, device=args.device, workers=_workers(args),
-                            shard_size=args.shard_size, resume=args.resume, overwrite=args.overwrite)
+                            shard_size=args.shard_size, resume=args.resume, overwrite=args.overwrite,
+                            tile_size=args.tile_size, max_memory=args.max_memory)
     print(f"encoded {counts['encoded']}, failed {counts['failed']}, already stored {counts['skipped']}: "
           f"{args.output}" + (f" (failures in {args.output}/errors.jsonl)" if counts["failed"] else ""))
     return 1 if counts["failed"] else 0
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--shard-size", type=int, help="images per shard (default: about 256 MB of latents)")
     encode.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="larger images are refused as decompression bombs (default: %(default)s)")
+    encode.add_argument("--tile-size", type=int,
+                        help="encode in exact tiles of this many pixels: same latents, less memory")
+    encode.add_argument("--max-memory",
+                        help="activation memory budget, e.g. 4GiB; larger images are encoded in exact tiles "
+                             "(default: the memory free on the device)")
     encode.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --output")
     encode.add_argument("--overwrite", action="store_true", help="replace latents already in --output")
     encode.set_defaults(run=_encode)

@@ -12,7 +12,7 @@ from .distribution import DiagonalGaussian
 from .layers import DownBlock, MidBlock, group_norm, norm_silu
 from .module import VaeModule
 from .scaling import scale_latents
-from .tiling import tiled_params
+from .tiling import choose_tile, tiled_params
 
 
 class Encoder(nn.Module):
@@ -56,29 +56,36 @@ class VaeEncoder(VaeModule):
         h = self.encoder(x)
         return h if self.quant_conv is None else self.quant_conv(h)
 
-    def forward(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tile_size: int | None = None,
+                max_memory: int | str | None = None) -> torch.Tensor:
         """Raw distribution parameters `[B, 2L, H/8, W/8]` (mean and logvar stacked on channels, unclamped).
 
         `tile_size` (pixels) runs the exact tiled encoder: the same result in less memory (see `sdvae.tiling`).
+        Without it, an input whose activations would not fit `max_memory` (bytes or "2GiB"; default: the memory
+        free on the device) is encoded in tiles, with a log line saying so.
         """
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
-        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
+        if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
             raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size!r}")
+        if tile_size is None:
+            tile_size = choose_tile(self.config, tuple(x.shape), x.dtype, x.device, max_memory)
         return self._guarded(self._params, x, tile_size=tile_size).contiguous()
 
-    def encode(self, x: torch.Tensor, tile_size: int | None = None) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, tile_size: int | None = None,
+               max_memory: int | str | None = None) -> DiagonalGaussian:
         """The latent distribution of each image: `.mean`, `.logvar` (clamped), `.std`, `.mode()`, `.sample()`."""
-        return DiagonalGaussian(self(x, tile_size=tile_size))
+        return DiagonalGaussian(self(x, tile_size=tile_size, max_memory=max_memory))
 
     def encode_with_scaling(self, x: torch.Tensor, seed: int | Sequence[int] | None = None,
                             generator: torch.Generator | list[torch.Generator] | None = None,
-                            mode: bool = False, tile_size: int | None = None) -> torch.Tensor:
+                            mode: bool = False, tile_size: int | None = None,
+                            max_memory: int | str | None = None) -> torch.Tensor:
         """Latents ready for a diffusion model: `(z - shift_factor) * scaling_factor`.
 
         `z` is a sample (seeded per image with `seed`, or drawn from `generator` as diffusers does) or, with
         `mode=True`, the mean.
         """
-        dist = self.encode(x, tile_size=tile_size)
+        dist = self.encode(x, tile_size=tile_size, max_memory=max_memory)
         if mode:
             if seed is not None or generator is not None:
                 raise ValueError("mode=True takes no seed or generator: it returns the mean")

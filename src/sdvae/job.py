@@ -6,6 +6,7 @@ shards, throws away a half-written one and encodes the rest.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
@@ -14,7 +15,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from . import __version__
 from .dataset import (FORMAT, MANIFEST, complete_shards, file_sha256, read_errors, read_manifest, read_metadata,
                       settings_id, write_atomic, write_shard)
+from .distribution import DiagonalGaussian
 from .loading import load_encoder
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_rgb, make_buckets, prepare, target_size
 
@@ -179,8 +181,12 @@ def _prepare_output(root: Path, manifest: dict[str, Any], resume: bool, overwrit
 
 def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: Settings, *, family: str | None = None,
                    batch_size: int = 8, device: str = "cpu", workers: int = 0, shard_size: int | None = None,
-                   resume: bool = False, overwrite: bool = False) -> dict[str, int]:
-    """Encode every input image into the dataset at `output`; returns counts of images encoded and failed."""
+                   resume: bool = False, overwrite: bool = False, tile_size: int | None = None,
+                   max_memory: int | str | None = None) -> dict[str, int]:
+    """Encode every input image into the dataset at `output`; returns counts of images encoded and failed.
+
+    `tile_size` and `max_memory` go to `VaeEncoder.encode` (exact tiling: they change memory, not latents).
+    """
     root = Path(output)
     items = list_inputs(inputs)
     encoder = load_encoder(model, family=family, device=device, dtype=getattr(torch, settings.dtype))
@@ -207,13 +213,14 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     next_shard = max(done_shards, default=-1) + 1
     log.info("%d inputs, %d already stored, %d to encode into %s", len(items), len(done), len(todo), root)
     progress = Progress(len(todo))
+    encode = functools.partial(encoder.encode, tile_size=tile_size, max_memory=max_memory)
     counts = {"encoded": 0, "failed": 0, "skipped": len(items) - len(todo)}
     prepared = _prepared(todo, settings, workers)
     try:
         for start in range(0, len(todo), per_shard):
             chunk = todo[start:start + per_shard]
-            written = _encode_shard(root, next_shard, [next(prepared) for _ in chunk], encoder, settings,
-                                    batch_size, store_dtype, manifest["settings_id"], progress)
+            written = _encode_shard(root, next_shard, [next(prepared) for _ in chunk], encode, encoder.device,
+                                    settings, batch_size, store_dtype, manifest["settings_id"], progress)
             counts["encoded"] += written[0]
             counts["failed"] += written[1]
             next_shard += 1
@@ -225,7 +232,8 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     return counts
 
 
-def _encode_shard(root: Path, index: int, prepared: list[tuple[Item, Any]], encoder, settings: Settings,
+def _encode_shard(root: Path, index: int, prepared: list[tuple[Item, Any]],
+                  encode: Callable[[torch.Tensor], DiagonalGaussian], device: torch.device, settings: Settings,
                   batch_size: int, store_dtype: torch.dtype, sid: str, progress: Progress) -> tuple[int, int]:
     """Encode one shard's images in same-size batches and write the shard; returns (encoded, failed)."""
     rows: list[dict[str, Any]] = []
@@ -247,9 +255,9 @@ def _encode_shard(root: Path, index: int, prepared: list[tuple[Item, Any]], enco
         for start in range(0, len(entries), batch_size):
             batch = entries[start:start + batch_size]
             pixels = torch.from_numpy(np.stack([p for _, p in batch])).permute(0, 3, 1, 2)
-            x = (pixels.to(encoder.device, torch.float32) / 127.5 - 1.0)
+            x = pixels.to(device, torch.float32) / 127.5 - 1.0
             with torch.no_grad():
-                dist = encoder.encode(x)
+                dist = encode(x)
             means.append(dist.mean.to("cpu", store_dtype))
             logvars.append(dist.logvar.to("cpu", store_dtype))
             progress.update(sum(1 for meta, _ in batch if not meta["flipped"]))

@@ -11,13 +11,19 @@ See ../shared/TILING.md for the background.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import VaeConfig
 from .layers import Attention, ResnetBlock
+
+log = logging.getLogger("sdvae")
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2 per (sample, group), float64
 STATS_CHUNK = 1024  # pixels per chunk of the squared-deviation pass
@@ -187,3 +193,80 @@ def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tens
     h = tiled_conv(encoder.conv_out, h, deepest,
                    prologue=norm_prologue(encoder.conv_norm_out, h, deepest, silu=True))
     return h if quant_conv is None else quant_conv(h)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+AUTO_TILE = 256  # pixels: large enough that convs run at full speed, small enough for tile temporaries
+MIN_AUTO_TILE = 32
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from an int or a string such as "2GiB", "1.5 GB" or "800M"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match[2].lower() not in _UNITS:
+            raise ValueError(f"max_memory must be bytes or a size like '2GiB', got {value!r}")
+        number, unit = float(match[1]), match[2].lower()
+    if number <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for activations on `device`: CUDA's free memory, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62  # unknown: do not switch on a guess
+
+
+def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of one full-resolution activation of the first block: the unit both estimates count in."""
+    b, _, h, w = shape
+    return b * config.block_out_channels[0] * h * w * dtype.itemsize
+
+
+def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Estimated activation memory of the untiled encoder (about four first-block activations, measured)."""
+    return 4 * activation_bytes(config, shape, dtype)
+
+
+def tiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, tile: int) -> int:
+    """Estimated activation memory of the tiled encoder: two and a half activations, tile buffers, attention K/V."""
+    b, _, h, w = shape
+    # a few tile buffers at full resolution (deeper levels have wider but quarter-size tiles)
+    tile_buffers = 6 * b * config.block_out_channels[0] * (tile + 2) ** 2 * dtype.itemsize
+    tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
+    attention = (2 * tokens * config.block_out_channels[-1] + min(tokens, ATTENTION_BLOCK) ** 2) * dtype.itemsize
+    return int(2.5 * activation_bytes(config, shape, dtype)) + tile_buffers + attention
+
+
+def choose_tile(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                max_memory: int | str | None) -> int | None:
+    """None when the untiled encoder fits the budget (`max_memory`, else what is free); else a tile size.
+
+    Raises MemoryError when even the tiled encoder would not fit.
+    """
+    budget = parse_memory(max_memory) if max_memory is not None else available_memory(device)
+    need = untiled_peak(config, shape, dtype)
+    if need <= budget:
+        return None
+    tile = min(AUTO_TILE, max(shape[2:]))
+    while tiled_peak(config, shape, dtype, tile) > budget and tile > MIN_AUTO_TILE:
+        tile //= 2
+    tiled = tiled_peak(config, shape, dtype, tile)
+    if tiled > budget:
+        raise MemoryError(f"encoding {list(shape)} needs about {_size(tiled)} even in tiles, more than the "
+                          f"{_size(budget)} allowed; raise max_memory or encode a smaller image")
+    log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of %d px (about %s)",
+             list(shape), _size(need), _size(budget), tile, _size(tiled))
+    return tile
