@@ -58,5 +58,8 @@ def test_float16_overflow_is_recomputed_in_float32(models):
         assert not torch.isfinite(half._params(x.half())).all()
         with pytest.warns(RuntimeWarning, match="float16 overflowed"):
             got = half(x)
-    assert got.dtype == torch.float16 and torch.isfinite(got).all()
-    assert rel_err(got, want) <= 1e-3
+        with pytest.warns(RuntimeWarning, match="float16 overflowed"):
+            tiled = half(x, tile_size=8)
+    for result in (got, tiled):
+        assert result.dtype == torch.float16 and torch.isfinite(result).all()
+        assert rel_err(result, want) <= 1e-3

@@ -69,6 +69,7 @@ def test_bad_tile_size_is_refused(bad):
 
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_blocked_online_softmax_attention_equals_full_attention(block):
+    from sdvae.activations import RamActivation
     from sdvae.layers import Attention
 
     torch.manual_seed(0)
@@ -78,7 +79,7 @@ def test_blocked_online_softmax_attention_equals_full_attention(block):
             p.normal_(0, 0.3)
         x = torch.randn(2, 64, 5, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         want = attention(x.clone())
-        got = sdvae.tiling.tiled_attention(attention, x.clone(), tile=2, block=block)
+        got = sdvae.tiling.tiled_attention(attention, RamActivation(x.clone()), tile=2, block=block).tensor
     assert rel_err(got, want) <= 1e-12
 
 
@@ -98,13 +99,45 @@ def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, cap
     enc = encoder.to(torch.float32)
     x = random_images(1, 96, 80)
     shape = tuple(x.shape)
-    budget = (untiled_peak(enc.config, shape, x.dtype) + tiled_peak(enc.config, shape, x.dtype, 32)) // 2
-    assert tiled_peak(enc.config, shape, x.dtype, 32) < budget < untiled_peak(enc.config, shape, x.dtype)
+    budget = (untiled_peak(enc.config, shape, x.dtype) + tiled_peak(enc.config, shape, x.dtype, 32, False)) // 2
+    assert tiled_peak(enc.config, shape, x.dtype, 32, False) < budget < untiled_peak(enc.config, shape, x.dtype)
     with torch.no_grad():
         want = enc(x)
         with caplog.at_level("INFO", logger="sdvae"):
             got = enc(x, max_memory=budget)
     assert "exact tiles" in caplog.text
     assert rel_err(got, want) <= 1e-5
-    with pytest.raises(MemoryError, match="even in tiles"):
+    with pytest.raises(MemoryError, match="even in tiles with scratch files"):
         enc(x, max_memory="1KiB")
+
+
+def test_scratch_file_activation_reads_back_what_was_written():
+    from sdvae.activations import FileActivation
+
+    t = torch.randn(2, 5, 7, 9, dtype=torch.float64)
+    for dtype in (torch.float64, torch.bfloat16):
+        store = FileActivation(t.shape, dtype, torch.device("cpu"))
+        store.write(slice(None), slice(None), t.to(dtype))
+        assert torch.equal(store.read(slice(2, 5), slice(3, 8)), t.to(dtype)[:, :, 2:5, 3:8])
+        store.write(slice(1, 3), slice(0, 4), torch.zeros(2, 5, 2, 4, dtype=dtype))
+        want = t.to(dtype).clone()
+        want[:, :, 1:3, 0:4] = 0
+        assert torch.equal(store.read(slice(None), slice(None)), want)
+
+
+def test_over_the_memory_budget_activations_go_to_scratch_files_exactly(encoder, caplog, tmp_path, monkeypatch):
+    from sdvae.tiling import tiled_peak
+
+    monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path))
+    enc = encoder.to(torch.float64)
+    x = random_images(2, 75, 53, dtype=torch.float64)
+    shape = tuple(x.shape)
+    on_disk, in_memory = (tiled_peak(enc.config, shape, x.dtype, 16, disk) for disk in (True, False))
+    assert on_disk < in_memory
+    with torch.no_grad():
+        want = enc(x)
+        with caplog.at_level("INFO", logger="sdvae"):
+            got = enc(x, tile_size=16, max_memory=(on_disk + in_memory) // 2)
+    assert "scratch files" in caplog.text
+    assert rel_err(got, want) <= 1e-12
+    assert not list(tmp_path.iterdir())  # scratch files are unlinked at once

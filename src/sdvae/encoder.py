@@ -12,7 +12,7 @@ from .distribution import DiagonalGaussian
 from .layers import DownBlock, MidBlock, group_norm, norm_silu
 from .module import VaeModule
 from .scaling import scale_latents
-from .tiling import choose_tile, tiled_params
+from .tiling import plan_tiling, tiled_params
 
 
 class Encoder(nn.Module):
@@ -50,9 +50,9 @@ class VaeEncoder(VaeModule):
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
         self._channels_last()
 
-    def _params(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
-        if tile_size is not None:
-            return tiled_params(self.encoder, self.quant_conv, x, tile_size)
+    def _params(self, x: torch.Tensor, plan: tuple[int, bool] | None = None) -> torch.Tensor:
+        if plan is not None:
+            return tiled_params(self.encoder, self.quant_conv, x, *plan)
         h = self.encoder(x)
         return h if self.quant_conv is None else self.quant_conv(h)
 
@@ -62,14 +62,15 @@ class VaeEncoder(VaeModule):
 
         `tile_size` (pixels) runs the exact tiled encoder: the same result in less memory (see `sdvae.tiling`).
         Without it, an input whose activations would not fit `max_memory` (bytes or "2GiB"; default: the memory
-        free on the device) is encoded in tiles, with a log line saying so.
+        free on the device) is encoded in tiles, with a log line saying so; where even that would not fit, the
+        full-size activations go to scratch files.
         """
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
         if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
             raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size!r}")
-        if tile_size is None:
-            tile_size = choose_tile(self.config, tuple(x.shape), x.dtype, x.device, max_memory)
-        return self._guarded(self._params, x, tile_size=tile_size).contiguous()
+        plan = plan_tiling(self.config, tuple(x.shape), x.dtype, x.device, tile_size, max_memory)
+        return self._guarded(lambda t: self._params(t, plan), x,
+                             {"tile_size": tile_size, "max_memory": max_memory}).contiguous()
 
     def encode(self, x: torch.Tensor, tile_size: int | None = None,
                max_memory: int | str | None = None) -> DiagonalGaussian:

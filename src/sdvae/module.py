@@ -42,18 +42,20 @@ class VaeModule(nn.Module):
         """Store conv weights channels-last: with channels-last activations, the fast layout on CPU and GPU."""
         self.to(memory_format=torch.channels_last)
 
-    def _guarded(self, run: Callable[..., torch.Tensor], x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """`run(x, **kwargs)` in the module's dtype; a float16 result with inf/NaN is recomputed by `forward` in float32.
+    def _guarded(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 forward_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """`run(x)` in the module's dtype; a float16 result with inf/NaN is recomputed in float32 by
+        `forward(x, **forward_kwargs)`.
 
         The SD/SDXL VAE overflows float16 on some inputs; the float32 copy of the weights lives only for that call.
         """
-        out = run(x, **kwargs)
+        out = run(x)
         if out.dtype != torch.float16 or torch.isfinite(out).all():
             return out
         warnings.warn(f"{type(self).__name__}: float16 overflowed (inf/NaN); recomputing this batch in float32",
                       RuntimeWarning, stacklevel=3)
         params = {name: p.float() for name, p in self.named_parameters()}
-        return torch.func.functional_call(self, params, (x.float(),), kwargs).to(torch.float16)
+        return torch.func.functional_call(self, params, (x.float(),), forward_kwargs or {}).to(torch.float16)
 
     def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False,
                            source: str = "state dict") -> DropReport:

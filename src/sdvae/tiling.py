@@ -12,6 +12,7 @@ See ../shared/TILING.md for the background.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import FileActivation, RamActivation
 from .config import VaeConfig
 from .layers import Attention, ResnetBlock
 
 log = logging.getLogger("sdvae")
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2 per (sample, group), float64
+Activation = RamActivation | FileActivation
+NewActivation = Callable[[tuple[int, ...]], Activation]
+Prologue = Callable[..., torch.Tensor]
 STATS_CHUNK = 1024  # pixels per chunk of the squared-deviation pass
 ATTENTION_BLOCK = 4096  # tokens per query and key block: a 4096 x 4096 float32 score block is 64 MiB
 
@@ -60,16 +65,16 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     return n, ma + delta * nb / n, m2a + m2b + delta.square() * na * nb / n
 
 
-def global_stats(x: torch.Tensor, groups: int, tile: int) -> Stats:
+def global_stats(x: Activation, groups: int, tile: int) -> Stats:
     """Per-sample, per-group statistics of the whole map `x`, accumulated over bands of `tile` rows."""
     total = None
     for r0, r1 in spans(x.shape[2], tile):
-        stats = tile_stats(x[:, :, r0:r1], groups)
+        stats = tile_stats(x.read(slice(r0, r1), slice(None)), groups)
         total = stats if total is None else merge_stats(total, stats)
     return total
 
 
-def norm_prologue(norm: nn.GroupNorm, x: torch.Tensor, tile: int, silu: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def norm_prologue(norm: nn.GroupNorm, x: Activation, tile: int, silu: bool) -> Prologue:
     """GroupNorm of `x` (whole-map statistics) as a per-channel affine map on any tile, SiLU after if asked."""
     count, mean, m2 = global_stats(x, norm.num_groups, tile)
     per_group = x.shape[1] // norm.num_groups
@@ -86,26 +91,27 @@ def norm_prologue(norm: nn.GroupNorm, x: torch.Tensor, tile: int, silu: bool) ->
     return apply
 
 
-def tiled_conv(conv: nn.Conv2d, x: torch.Tensor, tile: int, *, pads: tuple[int, int, int, int] | None = None,
-               prologue: Callable[[torch.Tensor], torch.Tensor] | None = None,
+def tiled_conv(conv: nn.Conv2d, x: Activation, tile: int, new: NewActivation, *,
+               pads: tuple[int, int, int, int] | None = None, prologue: Prologue | None = None,
                residual: Callable[[slice, slice], torch.Tensor] | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: Activation | None = None) -> Activation:
     """`conv(prologue(x))` (+ `residual(rows, cols)`) one output tile at a time, zero padding after the prologue.
 
-    `pads` (top, bottom, left, right) default to the conv's own padding; `out` may be `x` itself when the
-    residual is the only reader of `x` tiles still to come (each tile reads its own rows before writing them).
+    `pads` (top, bottom, left, right) default to the conv's own padding. The output goes to `out`, else to a new
+    activation; `out` may be `x` itself when the residual is the only reader of `x` tiles still to come (each
+    tile reads its own rows before writing them).
     """
     k, s = conv.kernel_size[0], conv.stride[0]
     pt, pb, pl, pr = pads if pads is not None else (conv.padding[0],) * 2 + (conv.padding[1],) * 2
     b, _, h, w = x.shape
     ho, wo = (h + pt + pb - k) // s + 1, (w + pl + pr - k) // s + 1
     if out is None:
-        out = x.new_empty(b, conv.out_channels, ho, wo).contiguous(memory_format=torch.channels_last)
+        out = new((b, conv.out_channels, ho, wo))
     for o0, o1 in spans(ho, tile):
         for q0, q1 in spans(wo, tile):
             r0, r1 = o0 * s - pt, (o1 - 1) * s - pt + k
             c0, c1 = q0 * s - pl, (q1 - 1) * s - pl + k
-            piece = x[:, :, max(r0, 0):min(r1, h), max(c0, 0):min(c1, w)]
+            piece = x.read(slice(max(r0, 0), min(r1, h)), slice(max(c0, 0), min(c1, w)))
             border = (max(-r0, 0), max(r1 - h, 0), max(-c0, 0), max(c1 - w, 0))
             if prologue is not None:
                 buffer, interior = _padded_buffer(piece, border)
@@ -116,7 +122,7 @@ def tiled_conv(conv: nn.Conv2d, x: torch.Tensor, tile: int, *, pads: tuple[int, 
             y = F.conv2d(piece, conv.weight, conv.bias, stride=s)
             if residual is not None:
                 y += residual(slice(o0, o1), slice(q0, q1))
-            out[:, :, o0:o1, q0:q1] = y
+            out.write(slice(o0, o1), slice(q0, q1), y)
     return out
 
 
@@ -130,37 +136,37 @@ def _padded_buffer(piece: torch.Tensor, border: tuple[int, int, int, int]) -> tu
     return buffer, buffer[:, :, top:top + h, left:left + w]
 
 
-def tiled_resnet(block: ResnetBlock, x: torch.Tensor, tile: int) -> torch.Tensor:
+def tiled_resnet(block: ResnetBlock, x: Activation, tile: int, new: NewActivation) -> Activation:
     """A resnet block by tiles; its output overwrites `x` when the widths match (the shortcut is the identity)."""
-    h = tiled_conv(block.conv1, x, tile, prologue=norm_prologue(block.norm1, x, tile, silu=True))
+    h = tiled_conv(block.conv1, x, tile, new, prologue=norm_prologue(block.norm1, x, tile, silu=True))
     shortcut = nn.Identity() if block.conv_shortcut is None else block.conv_shortcut
-    return tiled_conv(block.conv2, h, tile, prologue=norm_prologue(block.norm2, h, tile, silu=True),
-                      residual=lambda rows, cols: shortcut(x[:, :, rows, cols]),
+    return tiled_conv(block.conv2, h, tile, new, prologue=norm_prologue(block.norm2, h, tile, silu=True),
+                      residual=lambda rows, cols: shortcut(x.read(rows, cols)),
                       out=x if block.conv_shortcut is None else None)
 
 
-def tiled_attention(attention: Attention, x: torch.Tensor, tile: int, block: int = ATTENTION_BLOCK) -> torch.Tensor:
-    """Single-head attention over all pixels, by query and key blocks with an online softmax; adds into `x`."""
+def tiled_attention(attention: Attention, x: Activation, tile: int, block: int = ATTENTION_BLOCK) -> Activation:
+    """Single-head attention over all pixels, by blocks of rows with an online softmax; adds its output into `x`."""
     b, c, h, w = x.shape
-    assert x.is_contiguous(memory_format=torch.channels_last), "tiled_attention adds into channels-last x"
     norm = norm_prologue(attention.group_norm, x, tile, silu=False)
-    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of channels-last x
+    row_blocks = [slice(r0, r1) for r0, r1 in spans(h, max(1, block // w))]
 
-    def normed(start: int, stop: int) -> torch.Tensor:
-        # the per-channel affine of the GroupNorm, on token rows
-        piece = tokens[:, start:stop].transpose(1, 2)[..., None]
-        return norm(piece)[..., 0].transpose(1, 2)
+    def tokens(piece: torch.Tensor) -> torch.Tensor:
+        return piece.permute(0, 2, 3, 1).reshape(b, -1, c)
 
-    blocks = spans(h * w, block)
-    keys = torch.cat([attention.to_k(normed(*span)) for span in blocks], 1)
-    values = torch.cat([attention.to_v(normed(*span)) for span in blocks], 1)
+    normed = [tokens(norm(x.read(rows, slice(None)))) for rows in row_blocks]
+    keys = torch.cat([attention.to_k(t) for t in normed], 1)
+    values = torch.cat([attention.to_v(t) for t in normed], 1)
+    del normed
+    key_blocks = spans(keys.shape[1], block)
     scale = c ** -0.5
-    for q0, q1 in blocks:
-        q = attention.to_q(normed(q0, q1))
-        top = q.new_full((b, q1 - q0, 1), float("-inf"))
-        total = q.new_zeros(b, q1 - q0, 1)
-        acc = q.new_zeros(b, q1 - q0, c)
-        for k0, k1 in blocks:
+    for rows in row_blocks:
+        piece = x.read(rows, slice(None))
+        q = attention.to_q(tokens(norm(piece)))
+        top = q.new_full((b, q.shape[1], 1), float("-inf"))
+        total = q.new_zeros(b, q.shape[1], 1)
+        acc = q.new_zeros(b, q.shape[1], c)
+        for k0, k1 in key_blocks:
             scores = torch.bmm(q, keys[:, k0:k1].transpose(1, 2)).mul_(scale)
             new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
             correction = torch.exp(top - new_top)
@@ -168,31 +174,43 @@ def tiled_attention(attention: Attention, x: torch.Tensor, tile: int, block: int
             total = total * correction + p.sum(-1, keepdim=True)
             acc = acc * correction + torch.bmm(p, values[:, k0:k1])
             top = new_top
-        tokens[:, q0:q1] += attention.to_out[0](acc / total)
+        out = attention.to_out[0](acc / total).reshape(b, piece.shape[2], w, c).permute(0, 3, 1, 2)
+        x.write(rows, slice(None), piece + out)
     return x
 
 
-def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tensor, tile_size: int) -> torch.Tensor:
-    """The encoder's raw parameters `[B, 2L, H/8, W/8]`, computed with tiles of `tile_size` input pixels."""
+def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tensor, tile_size: int,
+                 on_disk: bool = False) -> torch.Tensor:
+    """The encoder's raw parameters `[B, 2L, H/8, W/8]`, computed with tiles of `tile_size` input pixels.
+
+    Full-size activations live in memory, or with `on_disk` in scratch files (under `$SDVAE_SCRATCH`, else the
+    system's temporary folder), so that only tiles, the attention's keys and values, and the output are held.
+    """
+
+    def new(shape: tuple[int, ...]) -> Activation:
+        if on_disk:
+            return FileActivation(shape, x.dtype, x.device, os.environ.get("SDVAE_SCRATCH"))
+        return RamActivation.empty(shape, x.dtype, x.device)
 
     def tile(level: int) -> int:
         return max(1, tile_size >> level)
 
-    h = tiled_conv(encoder.conv_in, x, tile(0))
+    h = tiled_conv(encoder.conv_in, RamActivation(x), tile(0), new)
     for level, down in enumerate(encoder.down_blocks):
         for resnet in down.resnets:
-            h = tiled_resnet(resnet, h, tile(level))
+            h = tiled_resnet(resnet, h, tile(level), new)
         for sampler in down.downsamplers:
-            h = tiled_conv(sampler.conv, h, tile(level + 1), pads=(0, 1, 0, 1))
+            h = tiled_conv(sampler.conv, h, tile(level + 1), new, pads=(0, 1, 0, 1))
     deepest = tile(len(encoder.down_blocks) - 1)
     mid = encoder.mid_block
-    h = tiled_resnet(mid.resnets[0], h, deepest)
+    h = tiled_resnet(mid.resnets[0], h, deepest, new)
     for attention in mid.attentions:
         h = tiled_attention(attention, h, deepest)
-    h = tiled_resnet(mid.resnets[1], h, deepest)
-    h = tiled_conv(encoder.conv_out, h, deepest,
+    h = tiled_resnet(mid.resnets[1], h, deepest, new)
+    h = tiled_conv(encoder.conv_out, h, deepest, lambda shape: RamActivation.empty(shape, x.dtype, x.device),
                    prologue=norm_prologue(encoder.conv_norm_out, h, deepest, silu=True))
-    return h if quant_conv is None else quant_conv(h)
+    params = h.read(slice(None), slice(None))
+    return params if quant_conv is None else quant_conv(params)
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -240,33 +258,39 @@ def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) 
     return 4 * activation_bytes(config, shape, dtype)
 
 
-def tiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, tile: int) -> int:
-    """Estimated activation memory of the tiled encoder: two and a half activations, tile buffers, attention K/V."""
+def tiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, tile: int, on_disk: bool) -> int:
+    """Estimated activation memory of the tiled encoder: two and a half activations unless they are on disk, a few
+    tile buffers, and the attention's keys, values and score block."""
     b, _, h, w = shape
+    resident = 0 if on_disk else int(2.5 * activation_bytes(config, shape, dtype))
     # a few tile buffers at full resolution (deeper levels have wider but quarter-size tiles)
     tile_buffers = 6 * b * config.block_out_channels[0] * (tile + 2) ** 2 * dtype.itemsize
     tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
     attention = (2 * tokens * config.block_out_channels[-1] + min(tokens, ATTENTION_BLOCK) ** 2) * dtype.itemsize
-    return int(2.5 * activation_bytes(config, shape, dtype)) + tile_buffers + attention
+    return resident + tile_buffers + attention
 
 
-def choose_tile(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                max_memory: int | str | None) -> int | None:
-    """None when the untiled encoder fits the budget (`max_memory`, else what is free); else a tile size.
+def plan_tiling(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                tile_size: int | None, max_memory: int | str | None) -> tuple[int, bool] | None:
+    """How to encode `shape` within `max_memory` (default: what is free): None for untiled, else (tile, on_disk).
 
-    Raises MemoryError when even the tiled encoder would not fit.
+    Untiled when it fits and no tile size was asked for; else the largest tile (the one asked for, or 256 down to
+    32 px) whose estimate fits with activations in memory, then with them in scratch files. Raises MemoryError
+    when nothing fits.
     """
     budget = parse_memory(max_memory) if max_memory is not None else available_memory(device)
     need = untiled_peak(config, shape, dtype)
-    if need <= budget:
+    if tile_size is None and need <= budget:
         return None
-    tile = min(AUTO_TILE, max(shape[2:]))
-    while tiled_peak(config, shape, dtype, tile) > budget and tile > MIN_AUTO_TILE:
-        tile //= 2
-    tiled = tiled_peak(config, shape, dtype, tile)
-    if tiled > budget:
-        raise MemoryError(f"encoding {list(shape)} needs about {_size(tiled)} even in tiles, more than the "
-                          f"{_size(budget)} allowed; raise max_memory or encode a smaller image")
-    log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of %d px (about %s)",
-             list(shape), _size(need), _size(budget), tile, _size(tiled))
-    return tile
+    tiles = [tile_size] if tile_size is not None else [t for t in (256, 128, 64, 32) if t <= max(256, *shape[2:])]
+    for on_disk in (False, True):
+        for tile in tiles:
+            tiled = tiled_peak(config, shape, dtype, tile, on_disk)
+            if tiled <= budget:
+                if tile_size is None or on_disk:
+                    where = "activations in scratch files" if on_disk else "activations in memory"
+                    log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of %d px, "
+                             "%s (about %s)", list(shape), _size(need), _size(budget), tile, where, _size(tiled))
+                return tile, on_disk
+    raise MemoryError(f"encoding {list(shape)} needs about {_size(tiled)} even in tiles with scratch files, more "
+                      f"than the {_size(budget)} allowed; raise max_memory or encode a smaller image")
