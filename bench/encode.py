@@ -20,31 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu, cpu_line, reset_peak, rss_mib
 
 HERE = Path(__file__).resolve()
 KINDS = ("diffusers", "diffusers-cl", "sdvae", "floor", "openvino")
 
 
-def cpu() -> tuple[str, set[str]]:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    return fields.get("Model name", "?").strip(), flags
-
-
 def native_bf16(flags: set[str]) -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def build(kind: str, weights: Path, dtype: torch.dtype):
@@ -118,13 +101,13 @@ def worker(kind: str, size: int, dtype_name: str, weights: Path, out: Path) -> N
     with torch.no_grad():
         run(torch.zeros(1, 3, 64, 64, dtype=dtype))
         reset_peak()
-        base = rss_kib("VmRSS")
+        base = rss_mib()
         best = float("inf")
         for _ in range(reps):
             start = time.perf_counter()
             mean = run(x)
             best = min(best, time.perf_counter() - start)
-    peak = (rss_kib("VmHWM") - base) / 1024
+    peak = rss_mib("VmHWM") - base
     torch.save(mean.float(), out.with_suffix(".pt"))
     out.write_text(json.dumps({"seconds": best, "peak_mib": peak}))
 
@@ -158,21 +141,17 @@ def main() -> None:
 
     from sdvae import VaeConfig, VaeEncoder
 
-    name, flags = cpu()
+    _, flags = cpu()
     dtypes = ["float32"] + (["bfloat16"] if native_bf16(flags) else [])
-    try:
-        import openvino  # noqa: F401
-        kinds = KINDS
-    except ImportError:
-        kinds = KINDS[:-1]
+    import importlib.util
+
+    kinds = KINDS if importlib.util.find_spec("openvino") else KINDS[:-1]
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
     weights = tmp / "sd15-vae.safetensors"
     torch.manual_seed(0)
     encoder = VaeEncoder(VaeConfig.preset("sd15"))
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, weights)
-    shown = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    print(f"CPU: {name} ({', '.join(shown)}), {args.threads} threads, torch {torch.__version__}, "
-          f"SD 1.5 encoder, random weights, batch 1")
+    print(f"{cpu_line(args.threads)}, torch {torch.__version__}, SD 1.5 encoder, random weights, batch 1")
     if "bfloat16" not in dtypes:
         print("no native bfloat16 on this CPU: bfloat16 rows skipped")
     print("| size | dtype | impl | time s | peak MiB | time / diffusers | time / floor | peak / diffusers | err vs fp32 |")

@@ -7,7 +7,6 @@ Usage: python bench/encode_dataset.py [N]
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
@@ -15,16 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import cpu_line
 from PIL import Image
 
 from sdvae import load_encoder
 from sdvae.demo import write_random_checkpoint
 from sdvae.job import Settings, _prepare, encode_dataset, list_inputs
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def main(n: int = 16) -> None:
@@ -57,7 +52,7 @@ def main(n: int = 16) -> None:
     model_s = time.perf_counter() - start
     rows.append(("decode + resize + crop only", n / decode_s))
     rows.append(("model only (batch 8)", n / model_s))
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {n} JPEGs 512x384 -> 256x256, SD 1.5 encoder")
+    print(f"{cpu_line(torch.get_num_threads())}, {n} JPEGs 512x384 -> 256x256, SD 1.5 encoder")
     print(f"| {'what':32s} | images/s |")
     print(f"|{'-' * 34}|----------|")
     for name, rate in rows:

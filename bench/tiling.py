@@ -1,0 +1,115 @@
+"""Large images: untiled sdvae, exact tiled sdvae (in memory and with scratch files) and diffusers' enable_tiling.
+
+Each row runs in a fresh process (clean peak readings) on the same random SD 1.5 weights and image, float32.
+Usage: python bench/tiling.py [--sizes 1024 2048 4096] [--threads 2]
+  peak: rise of resident memory during the encode, model loaded; err: relative L2 error of the mean against the
+  untiled sdvae result, or against tiled sdvae where untiled does not fit in memory (tiled equals untiled to
+  1e-5, tests/test_tiling.py). Rows whose estimated memory exceeds what is free are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import cpu_line, reset_peak, rss_mib
+
+HERE = Path(__file__).resolve()
+TILE = 256
+KINDS = ("untiled", "tiled", "tiled-disk", "diffusers-tiling")
+
+
+def worker(kind: str, size: int, weights: Path, out: Path) -> None:
+    from safetensors.torch import load_file
+
+    from sdvae import VaeConfig, load_encoder
+    from sdvae.tiling import tiled_peak
+
+    config = VaeConfig.preset("sd15")
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    if kind == "diffusers-tiling":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")})
+        vae.load_state_dict(load_file(weights), strict=False)
+        vae.eval().enable_tiling()
+        run = lambda: vae.encode(x).latent_dist.mean  # noqa: E731
+    else:
+        enc = load_encoder(weights, family="sd15")
+        options = {"untiled": {"max_memory": 2**62}, "tiled": {"tile_size": TILE, "max_memory": 2**62},
+                   "tiled-disk": {"tile_size": TILE,
+                                  "max_memory": tiled_peak(config, tuple(x.shape), x.dtype, TILE, True)}}[kind]
+        run = lambda: enc.encode(x, **options).mean  # noqa: E731
+    with torch.no_grad():
+        reset_peak()
+        base = rss_mib()
+        start = time.perf_counter()
+        mean = run()
+        seconds = time.perf_counter() - start
+    torch.save(mean, out.with_suffix(".pt"))
+    out.write_text(json.dumps({"seconds": seconds, "peak_mib": rss_mib("VmHWM") - base}))
+
+
+def fits(kind: str, size: int) -> bool:
+    from sdvae import VaeConfig
+    from sdvae.tiling import available_memory, tiled_peak, untiled_peak
+
+    config, shape = VaeConfig.preset("sd15"), (1, 3, size, size)
+    need = {"untiled": untiled_peak(config, shape, torch.float32),
+            "tiled": tiled_peak(config, shape, torch.float32, TILE, False),
+            "tiled-disk": tiled_peak(config, shape, torch.float32, TILE, True),
+            "diffusers-tiling": tiled_peak(config, shape, torch.float32, TILE, False)}[kind]
+    return need < 0.8 * available_memory(torch.device("cpu"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=4)
+    args = parser.parse_args()
+    if args.worker:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        kind, size, weights, out = args.worker
+        return worker(kind, int(size), Path(weights), Path(out))
+
+    from safetensors.torch import save_file
+
+    from sdvae import VaeConfig, VaeEncoder
+
+    tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
+    weights = tmp / "sd15-vae.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in VaeEncoder(VaeConfig.preset("sd15")).state_dict().items()}, weights)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    print(f"{cpu_line(args.threads)}, torch {torch.__version__}, SD 1.5 encoder, random weights, float32, "
+          f"tiles of {TILE} px")
+    print("| size | impl | time s | peak MiB | err vs reference |\n|---|---|---|---|---|")
+    for size in args.sizes:
+        results = {}
+        for kind in KINDS:
+            if not fits(kind, size):
+                print(f"| {size} | {kind} | skipped: does not fit in memory | | |")
+                continue
+            out = tmp / f"{kind}-{size}.json"
+            cmd = [sys.executable, str(HERE), "--worker", kind, str(size), str(weights), str(out)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"| {size} | {kind} | failed: {done.stderr.strip()[-200:]} | | |")
+                continue
+            results[kind] = json.loads(out.read_text()) | {"mean": torch.load(out.with_suffix(".pt"))}
+        reference = results.get("untiled") or results.get("tiled")
+        for kind, r in results.items():
+            err = ((r["mean"] - reference["mean"]).norm() / reference["mean"].norm()).item()
+            print(f"| {size} | {kind} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {err:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
