@@ -41,11 +41,18 @@ def test_weights_and_activations_are_channels_last_by_default(tmp_path):
 
 def test_inference_uses_in_place_silu_and_residual_adds():
     enc = VaeEncoder(SMALL).eval()
-    with torch.no_grad(), profile() as prof:
+    with torch.no_grad(), profile(record_shapes=True) as prof:
         enc(random_images(1, 16, 24))
     ops = {e.name for e in prof.events()}
-    assert "aten::silu_" in ops and "aten::silu" not in ops
-    assert "aten::add_" in ops and "aten::add" not in ops
+    assert "aten::silu_" in ops and "aten::add_" in ops
+
+    def largest_input(event) -> int:
+        return max((torch.Size(s).numel() for s in event.input_shapes if s), default=0)
+
+    activation = 32 * 16 * 24
+    out_of_place = [e.name for e in prof.events() if e.name in ("aten::silu", "aten::add", "aten::group_norm")
+                    and largest_input(e) >= activation]
+    assert not out_of_place, out_of_place
 
 
 def test_gradients_still_flow_through_the_encoder():
@@ -61,7 +68,7 @@ def test_bfloat16_fast_path_is_as_close_to_float32_as_diffusers_bfloat16(family)
     ref = reference_vae(config, seed=4)
     enc = VaeEncoder(config)
     enc.load_hf_state_dict(ref.state_dict())
-    x = random_images(1, 32, 48)
+    x = random_images(1, 128, 128)  # large enough that the error is a property of the path, not of a few values
     with torch.no_grad():
         want = ref.encode(x).latent_dist.mean
         theirs = copy.deepcopy(ref).to(torch.bfloat16).encode(x.bfloat16()).latent_dist.mean

@@ -74,3 +74,24 @@ def test_logvar_is_clamped_like_diffusers():
     assert got.logvar.min() == -30 and got.logvar.max() == 20
     assert rel_err(got.logvar, want.logvar) <= 1e-12
     assert rel_err(got.std, want.std) <= 1e-12
+
+
+def test_large_image_matches_diffusers():
+    """Large maps are where channels-last GroupNorm kernels lose precision (see sdvae.groupnorm)."""
+    config = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8)
+    ref = reference_vae(config, seed=9)
+    enc = VaeEncoder(config)
+    enc.load_hf_state_dict(ref.state_dict())
+    x = random_images(1, 1024, 1024)
+    with torch.no_grad():
+        assert rel_err(enc(x), ref.encode(x).latent_dist.parameters) <= 1e-5
+
+
+def test_group_norm_statistics_hold_on_large_offset_maps():
+    from sdvae.groupnorm import group_norm
+
+    norm = torch.nn.GroupNorm(32, 128, eps=1e-6)
+    x = (torch.randn(1, 128, 512, 512, generator=torch.Generator().manual_seed(0)) * 3 + 5)
+    want = torch.nn.functional.group_norm(x.double(), 32, eps=1e-6)
+    got = group_norm(norm, x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(got, want) <= 1e-6

@@ -31,7 +31,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(norm_silu(self.conv_norm_out, x))
+        return self.conv_out(norm_silu(self.conv_norm_out, x, inplace=True))
 
 
 class VaeDecoder(VaeModule):

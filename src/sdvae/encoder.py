@@ -36,7 +36,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(norm_silu(self.conv_norm_out, x))
+        return self.conv_out(norm_silu(self.conv_norm_out, x, inplace=True))
 
 
 class VaeEncoder(VaeModule):

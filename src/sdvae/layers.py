@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import groupnorm
+
 GROUP_NORM_EPS = 1e-6
 
 
@@ -13,13 +15,13 @@ def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels, eps=GROUP_NORM_EPS)
 
 
-def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """SiLU(GroupNorm(x)): the pair that opens every resnet branch and closes both halves.
 
-    The SiLU runs in place on the fresh GroupNorm output (no second full-size tensor) unless autograd needs it.
+    Exact statistics (see `sdvae.groupnorm`); the SiLU runs in place on the normalized tensor, and `inplace`
+    normalizes `x` itself where nothing reads it afterwards, so no full-size tensor is allocated.
     """
-    h = norm(x)
-    return F.silu(h, inplace=not h.requires_grad)
+    return groupnorm.group_norm(norm, x, silu=True, inplace=inplace)
 
 
 class ResnetBlock(nn.Module):
@@ -36,8 +38,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One statement per step so each intermediate is freed as soon as the next one exists.
         h = self.conv1(norm_silu(self.norm1, x))
-        h = norm_silu(self.norm2, h)
-        h = self.conv2(h)
+        h = self.conv2(norm_silu(self.norm2, h, inplace=True))
         return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
@@ -55,7 +56,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         # [B, C, H, W] -> [B, HW, C]: a view, not a copy, for channels-last input.
-        tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        tokens = groupnorm.group_norm(self.group_norm, x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
         out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
         return out.reshape(b, h, w, c).permute(0, 3, 1, 2).add_(x)

@@ -23,15 +23,14 @@ from torch import nn
 
 from .activations import FileActivation, RamActivation
 from .config import VaeConfig
+from .groupnorm import Stats, affine, group_stats, merge_stats, normalize
 from .layers import Attention, ResnetBlock
 
 log = logging.getLogger("sdvae")
 
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2 per (sample, group), float64
 Activation = RamActivation | FileActivation
 NewActivation = Callable[[tuple[int, ...]], Activation]
 Prologue = Callable[..., torch.Tensor]
-STATS_CHUNK = 1024  # pixels per chunk of the squared-deviation pass
 ATTENTION_BLOCK = 4096  # tokens per query and key block: a 4096 x 4096 float32 score block is 64 MiB
 
 
@@ -40,55 +39,19 @@ def spans(length: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def tile_stats(x: torch.Tensor, groups: int) -> Stats:
-    """(count, mean, M2) per sample and group of one tile, returned in float64.
-
-    Per channel first, in the tile's dtype and in two passes (mean, then squared deviations over cache-sized
-    chunks); the channels of a group are then merged exactly in float64.
-    """
-    b, c, h, w = x.shape
-    values = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for a channels-last band of full rows
-    mean = values.mean(1, keepdim=True)
-    m2 = sum((chunk - mean).square_().sum(1) for chunk in values.split(STATS_CHUNK, dim=1))
-    channel_mean = mean[:, 0].double().view(b, groups, -1)
-    group_mean = channel_mean.mean(-1)
-    spread = (channel_mean - group_mean[..., None]).square().sum(-1)
-    group_m2 = m2.double().view(b, groups, -1).sum(-1) + h * w * spread
-    return torch.full_like(group_mean, h * w * (c // groups)), group_mean, group_m2
-
-
-def merge_stats(a: Stats, b: Stats) -> Stats:
-    """Chan et al.'s exact merge of two sets' (count, mean, M2): the between-set term included."""
-    (na, ma, m2a), (nb, mb, m2b) = a, b
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * nb / n, m2a + m2b + delta.square() * na * nb / n
-
-
 def global_stats(x: Activation, groups: int, tile: int) -> Stats:
     """Per-sample, per-group statistics of the whole map `x`, accumulated over bands of `tile` rows."""
     total = None
     for r0, r1 in spans(x.shape[2], tile):
-        stats = tile_stats(x.read(slice(r0, r1), slice(None)), groups)
+        stats = group_stats(x.read(slice(r0, r1), slice(None)), groups)
         total = stats if total is None else merge_stats(total, stats)
     return total
 
 
 def norm_prologue(norm: nn.GroupNorm, x: Activation, tile: int, silu: bool) -> Prologue:
     """GroupNorm of `x` (whole-map statistics) as a per-channel affine map on any tile, SiLU after if asked."""
-    count, mean, m2 = global_stats(x, norm.num_groups, tile)
-    per_group = x.shape[1] // norm.num_groups
-    rstd = torch.rsqrt(m2 / count + norm.eps).repeat_interleave(per_group, dim=1)
-    mean = mean.repeat_interleave(per_group, dim=1)
-    scale = rstd * norm.weight.double()
-    shift = norm.bias.double() - mean * scale
-    scale, shift = (v.to(x.dtype)[:, :, None, None] for v in (scale, shift))
-
-    def apply(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch.addcmul(shift, t, scale, out=out)
-        return F.silu(y, inplace=True) if silu else y
-
-    return apply
+    scale, shift = affine(norm, global_stats(x, norm.num_groups, tile), x.dtype)
+    return lambda t, out=None: normalize(t, scale, shift, silu, out=out)
 
 
 def tiled_conv(conv: nn.Conv2d, x: Activation, tile: int, new: NewActivation, *,
