@@ -18,14 +18,15 @@ STATS_CHUNK = 1024  # pixels per chunk of the squared-deviation pass (stays in c
 def group_stats(x: torch.Tensor, groups: int) -> Stats:
     """(count, mean, M2) per sample and group of `x` `[B, C, H, W]`, in float64.
 
-    Per channel first, in two passes (the mean, then squared deviations over cache-sized chunks) accumulated in
-    float32 (float64 for float64 input); the channels of each group are then merged exactly in float64.
+    Per channel first, in two passes: the mean (accumulated in float32 or wider, stored in the map's dtype), then
+    the squared deviations from it over cache-sized chunks, summed in float32 (float64 for float64 maps). The
+    channels of each group are then merged exactly in float64.
     """
     b, c, h, w = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     values = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for channels-last x (a band of full rows)
-    mean = values.mean(1, keepdim=True, dtype=acc)
-    m2 = torch.stack([(chunk.to(acc) - mean).square_().sum(1) for chunk in values.split(STATS_CHUNK, dim=1)]).sum(0)
+    mean = values.mean(1, keepdim=True)
+    m2 = torch.stack([(chunk - mean).square_().sum(1, dtype=acc) for chunk in values.split(STATS_CHUNK, dim=1)]).sum(0)
     channel_mean = mean[:, 0].double().view(b, groups, -1)
     group_mean = channel_mean.mean(-1)
     spread = (channel_mean - group_mean[..., None]).square().sum(-1)
@@ -42,31 +43,34 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
 
 
 def affine(norm: nn.GroupNorm, stats: Stats, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GroupNorm as `x * scale + shift` per sample and channel (`[B, C, 1, 1]` each), from whole-map stats.
-
-    Kept in float32 for float16/bfloat16 maps (float64 for float64), so only the result is rounded.
-    """
+    """The GroupNorm as `x * scale + shift` per sample and channel (`[B, C, 1, 1]` each), from whole-map stats,
+    in the map's dtype (CPU kernels for mixed float32/bfloat16 arithmetic are several times slower)."""
     count, mean, m2 = stats
     per_group = norm.num_channels // norm.num_groups
     rstd = torch.rsqrt(m2 / count + norm.eps).repeat_interleave(per_group, dim=1)
     scale = rstd * norm.weight.double()
     shift = norm.bias.double() - mean.repeat_interleave(per_group, dim=1) * scale
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    return scale.to(compute)[:, :, None, None], shift.to(compute)[:, :, None, None]
+    return scale.to(dtype)[:, :, None, None], shift.to(dtype)[:, :, None, None]
 
 
 def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """`x * scale + shift` (computed in the dtype of `scale`, stored in that of `x`), then SiLU if asked, into `out`
-    (which may be `x` itself) or a new tensor."""
+    """`x * scale + shift`, then SiLU if asked, into `out` (which may be `x` itself) or a new tensor."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):  # autograd: no out=, no in place
-        y = torch.addcmul(shift, x, scale).to(x.dtype)
+        y = torch.addcmul(shift, x, scale)
         return F.silu(y) if silu else y
     y = torch.addcmul(shift, x, scale, out=torch.empty_like(x) if out is None else out)
     return F.silu(y, inplace=True) if silu else y
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, inplace: bool = False) -> torch.Tensor:
-    """GroupNorm (then SiLU if asked) of a whole map; `inplace` overwrites `x` unless autograd is recording."""
+    """GroupNorm (then SiLU if asked) of a whole map; `inplace` overwrites `x` unless autograd is recording.
+
+    float16/bfloat16 maps use PyTorch's kernel: its precision loss is far below those dtypes' resolution, and it
+    avoids the slow conversions the exact statistics would need there.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return F.silu(y, inplace=not y.requires_grad) if silu else y
     scale, shift = affine(norm, group_stats(x, norm.num_groups), x.dtype)
     return normalize(x, scale, shift, silu, out=x if inplace else None)
