@@ -10,17 +10,13 @@ input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2]
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import cpu, cpu_line, reset_peak, rss_mib
+from common import cpu, cpu_line, parse_args, random_sd15_weights, rel_err, run_worker, timed
 
 HERE = Path(__file__).resolve()
 KINDS = ("diffusers", "diffusers-cl", "sdvae", "floor", "openvino")
@@ -100,46 +96,20 @@ def worker(kind: str, size: int, dtype_name: str, weights: Path, out: Path) -> N
     x = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
     with torch.no_grad():
         run(torch.zeros(1, 3, 64, 64, dtype=dtype))
-        reset_peak()
-        base = rss_mib()
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            mean = run(x)
-            best = min(best, time.perf_counter() - start)
-    peak = rss_mib("VmHWM") - base
+        best, peak, mean = timed(lambda: run(x), reps)
     torch.save(mean.float(), out.with_suffix(".pt"))
     out.write_text(json.dumps({"seconds": best, "peak_mib": peak}))
 
 
-def measure(kind: str, size: int, dtype: str, weights: Path, tmp: Path, threads: int) -> dict | None:
-    out = tmp / f"{kind}-{size}-{dtype}.json"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, str(HERE), "--worker", kind, str(size), dtype, str(weights), str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"  {kind} {size} {dtype} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
-    result = json.loads(out.read_text())
-    if out.with_suffix(".pt").exists():
-        result["mean"] = torch.load(out.with_suffix(".pt"))
-    return result
+def measure(kind: str, size: int, dtype: str, weights: Path, tmp: Path, threads: int) -> dict | str:
+    return run_worker(HERE, [kind, str(size), dtype, str(weights)], tmp / f"{kind}-{size}-{dtype}.json", threads)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", nargs=5)
-    args = parser.parse_args()
+    args = parse_args([256, 512, 1024], worker_fields=4)
     if args.worker:
         kind, size, dtype, weights, out = args.worker
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         return worker(kind, int(size), dtype, Path(weights), Path(out))
-
-    from safetensors.torch import save_file
-
-    from sdvae import VaeConfig, VaeEncoder
 
     _, flags = cpu()
     dtypes = ["float32"] + (["bfloat16"] if native_bf16(flags) else [])
@@ -147,10 +117,7 @@ def main() -> None:
 
     kinds = KINDS if importlib.util.find_spec("openvino") else KINDS[:-1]
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
-    weights = tmp / "sd15-vae.safetensors"
-    torch.manual_seed(0)
-    encoder = VaeEncoder(VaeConfig.preset("sd15"))
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, weights)
+    weights = random_sd15_weights(tmp)
     print(f"{cpu_line(args.threads)}, torch {torch.__version__}, SD 1.5 encoder, random weights, batch 1")
     if "bfloat16" not in dtypes:
         print("no native bfloat16 on this CPU: bfloat16 rows skipped")
@@ -163,13 +130,14 @@ def main() -> None:
             results = {k: measure(k, size, dtype, weights, tmp, args.threads) for k in kinds if k != "floor"}
             base = base if base is not None else results["diffusers"]
             for kind, r in results.items():
-                if r is None:
+                if isinstance(r, str):
+                    print(f"| {size} | {dtype} | {kind} | failed: {r} | | | | | |")
                     continue
                 ref = results["diffusers"]
-                err = ((r["mean"] - base["mean"]).norm() / base["mean"].norm()).item()
+                err = rel_err(r["mean"], base["mean"])
                 print(f"| {size} | {dtype} | {kind} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | "
                       f"{r['seconds'] / ref['seconds']:.2f} | {r['seconds'] / floor['seconds']:.2f} | "
-                      f"{r['peak_mib'] / ref['peak_mib']:.2f} | {err:.1e} |")
+                      f"{r['peak_mib'] / max(ref['peak_mib'], 1):.2f} | {err:.1e} |")
         print(f"| {size} | float32 | conv floor | {floor['seconds']:.2f} | | | 1.00 | | |")
 
 

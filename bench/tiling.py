@@ -9,17 +9,12 @@ Usage: python bench/tiling.py [--sizes 1024 2048 4096] [--threads 2]
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import cpu_line, reset_peak, rss_mib
+from common import cpu_line, parse_args, random_sd15_weights, rel_err, run_worker, timed
 
 HERE = Path(__file__).resolve()
 TILE = 256
@@ -48,13 +43,9 @@ def worker(kind: str, size: int, weights: Path, out: Path) -> None:
                                   "max_memory": tiled_peak(config, tuple(x.shape), x.dtype, TILE, True)}}[kind]
         run = lambda: enc.encode(x, **options).mean  # noqa: E731
     with torch.no_grad():
-        reset_peak()
-        base = rss_mib()
-        start = time.perf_counter()
-        mean = run()
-        seconds = time.perf_counter() - start
+        seconds, peak, mean = timed(run, 1)
     torch.save(mean, out.with_suffix(".pt"))
-    out.write_text(json.dumps({"seconds": seconds, "peak_mib": rss_mib("VmHWM") - base}))
+    out.write_text(json.dumps({"seconds": seconds, "peak_mib": peak}))
 
 
 def fits(kind: str, size: int) -> bool:
@@ -70,25 +61,13 @@ def fits(kind: str, size: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", nargs=4)
-    args = parser.parse_args()
+    args = parse_args([1024, 2048, 4096], worker_fields=3)
     if args.worker:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         kind, size, weights, out = args.worker
         return worker(kind, int(size), Path(weights), Path(out))
 
-    from safetensors.torch import save_file
-
-    from sdvae import VaeConfig, VaeEncoder
-
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
-    weights = tmp / "sd15-vae.safetensors"
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in VaeEncoder(VaeConfig.preset("sd15")).state_dict().items()}, weights)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    weights = random_sd15_weights(tmp)
     print(f"{cpu_line(args.threads)}, torch {torch.__version__}, SD 1.5 encoder, random weights, float32, "
           f"tiles of {TILE} px")
     print("| size | impl | time s | peak MiB | err vs reference |\n|---|---|---|---|---|")
@@ -98,16 +77,14 @@ def main() -> None:
             if not fits(kind, size):
                 print(f"| {size} | {kind} | skipped: does not fit in memory | | |")
                 continue
-            out = tmp / f"{kind}-{size}.json"
-            cmd = [sys.executable, str(HERE), "--worker", kind, str(size), str(weights), str(out)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"| {size} | {kind} | failed: {done.stderr.strip()[-200:]} | | |")
+            result = run_worker(HERE, [kind, str(size), str(weights)], tmp / f"{kind}-{size}.json", args.threads)
+            if isinstance(result, str):
+                print(f"| {size} | {kind} | failed: {result} | | |")
                 continue
-            results[kind] = json.loads(out.read_text()) | {"mean": torch.load(out.with_suffix(".pt"))}
+            results[kind] = result
         reference = results.get("untiled") or results.get("tiled")
         for kind, r in results.items():
-            err = ((r["mean"] - reference["mean"]).norm() / reference["mean"].norm()).item()
+            err = rel_err(r["mean"], reference["mean"])
             print(f"| {size} | {kind} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {err:.1e} |", flush=True)
 
 
