@@ -3,10 +3,11 @@
 Everything in the encoder is local except its GroupNorms and the mid-block attention. Each conv is computed one
 output tile at a time from its input with the halo it needs; each GroupNorm gets per-sample, per-group
 statistics over the whole image, merged exactly across tiles (Chan's parallel formula, in float64), and is
-applied, with its SiLU, to each conv input tile before the zero padding; the attention runs over query and key
-blocks with an online softmax, so no N x N matrix is held. A resnet block keeps two full-size activations (its
-input, which receives the output in place, and the middle one) instead of the untiled path's three or more.
-See ../shared/TILING.md for the background.
+applied, with its SiLU, to each conv input tile before the zero padding; the attention runs over blocks of rows
+(queries) and of tokens (keys) with an online softmax, so no N x N matrix is held. A resnet block keeps two
+full-size activations (its input, which receives the output in place, and the middle one), in memory or in
+scratch files (`sdvae.activations`), instead of the untiled path's three or four. `plan_tiling` chooses between
+untiled, tiled in memory and tiled on disk from a memory budget. See ../shared/TILING.md for the background.
 """
 
 from __future__ import annotations
