@@ -118,10 +118,13 @@ def tiled_attention(attention: Attention, x: Activation, tile: int, block: int =
     def tokens(piece: torch.Tensor) -> torch.Tensor:
         return piece.permute(0, 2, 3, 1).reshape(b, -1, c)
 
-    normed = [tokens(norm(x.read(rows, slice(None)))) for rows in row_blocks]
-    keys = torch.cat([attention.to_k(t) for t in normed], 1)
-    values = torch.cat([attention.to_v(t) for t in normed], 1)
-    del normed
+    keys = torch.empty(b, h * w, c, dtype=x.dtype, device=x.device)
+    values = torch.empty_like(keys)
+    for rows in row_blocks:  # filled block by block: only the keys, the values and one block are held
+        normed = tokens(norm(x.read(rows, slice(None))))
+        start = rows.start * w
+        keys[:, start:start + normed.shape[1]] = attention.to_k(normed)
+        values[:, start:start + normed.shape[1]] = attention.to_v(normed)
     key_blocks = spans(keys.shape[1], block)
     scale = c ** -0.5
     for rows in row_blocks:
