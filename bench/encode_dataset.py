@@ -19,7 +19,8 @@ from PIL import Image
 
 from sdvae import load_encoder
 from sdvae.demo import write_random_checkpoint
-from sdvae.job import Settings, _prepare, encode_dataset, list_inputs
+from sdvae.job import Runtime, Settings, encode_dataset, prepare_shard
+from sdvae.sources import list_inputs
 
 
 def main(n: int = 16) -> None:
@@ -36,12 +37,12 @@ def main(n: int = 16) -> None:
     rows = []
     for workers in (0, 2):
         start = time.perf_counter()
-        encode_dataset([str(images)], str(ckpt), tmp / f"out{workers}", settings, family="sd15", batch_size=8,
-                       workers=workers)
+        encode_dataset([str(images)], str(ckpt), tmp / f"out{workers}", settings, family="sd15",
+                       runtime=Runtime(batch_size=8), workers=workers)
         rows.append((f"sdvae encode --workers {workers}", n / (time.perf_counter() - start)))
     items = list_inputs([str(images)])
     start = time.perf_counter()
-    prepared = [_prepare((item, settings, None))[1] for item in items]
+    prepared = [p for _, p in prepare_shard(items, settings)]
     decode_s = time.perf_counter() - start
     encoder = load_encoder(ckpt, family="sd15")
     x = torch.from_numpy(np.stack([p.pixels for p in prepared])).permute(0, 3, 1, 2).float() / 127.5 - 1

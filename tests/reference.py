@@ -13,6 +13,9 @@ from diffusers import AutoencoderKL
 
 from sdvae import VaeConfig
 
+# A small config for end-to-end tests: every block kind, 64 px samples, fast.
+TINY = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of `a` against the reference `b`, computed in float64."""

@@ -15,23 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from reference import reference_vae, rel_err
-from sdvae import LatentDataset, VaeConfig, load_encoder
+from reference import TINY, rel_err
+from sdvae import LatentDataset, load_encoder
 from sdvae.cli import main
 from sdvae.images import image_to_tensor
 from sdvae.preprocess import load_rgb, make_buckets, nearest_bucket, prepare
 
-TINY = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
 GOOD = ["a.png", "b.jpg", "nested/c.webp", "cmyk.jpg", "grey.png", "grey16.png", "palette.png", "rgba.png", "la.png",
         "rotated.jpg", "tiny.png"]
 BROKEN = ["empty.png", "truncated.png", "text.jpg", "bomb.png"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    reference_vae(TINY, seed=21).save_pretrained(path)
-    return path
 
 
 def noise(h, w, c=3, seed=0):

@@ -35,18 +35,24 @@ def _demo(args: argparse.Namespace) -> int:
 def _workers(args: argparse.Namespace) -> int:
     if args.workers is not None:
         return args.workers
-    return 0 if args.device == "cpu" else min(4, os.cpu_count() or 1)
+    import torch
+
+    on_cpu = args.device == "cpu" or args.device is None and not torch.cuda.is_available()
+    return 0 if on_cpu else min(4, os.cpu_count() or 1)
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from .job import Settings, encode_dataset
+    from .job import Runtime, Settings, encode_dataset
 
     settings = Settings(resolution=args.resolution, buckets=args.buckets, crop=args.crop, flip=args.flip,
                         seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels)
-    counts = encode_dataset(args.inputs, args.model, args.output, settings, family=args.family,
-                            batch_size=args.batch_size, device=args.device, workers=_workers(args),
-                            shard_size=args.shard_size, resume=args.resume, overwrite=args.overwrite,
-                            tile_size=args.tile_size, max_memory=args.max_memory)
+    runtime = Runtime(batch_size=args.batch_size, device=args.device, tile_size=args.tile_size,
+                      max_memory=args.max_memory)
+    counts = encode_dataset(args.inputs, args.model, args.output, settings, family=args.family, runtime=runtime,
+                            workers=_workers(args), shard_size=args.shard_size, resume=args.resume,
+                            overwrite=args.overwrite, image_column=args.image_column,
+                            caption_column=args.caption_column, engine=args.engine, ray_address=args.ray_address,
+                            ray_actors=args.ray_actors, ray_actor_cpus=args.ray_actor_cpus)
     print(f"encoded {counts['encoded']}, failed {counts['failed']}, already stored {counts['skipped']}: "
           f"{args.output}" + (f" (failures in {args.output}/errors.jsonl)" if counts["failed"] else ""))
     return 1 if counts["failed"] else 0
@@ -92,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 when every input was encoded, 1 when some failed (listed in DIR/errors.jsonl), "
                "2 on a usage or setup error (nothing encoded).")
     encode.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (recursive), text files of paths")
+                        help="image files, folders (recursive), text files of paths, WebDataset .tar shards, "
+                             ".parquet files, or brace patterns like data/{00000..00099}.tar")
+    encode.add_argument("--image-column", help="Parquet column with the encoded images (default: image, jpg, png or "
+                        "webp, else the one binary column)")
+    encode.add_argument("--caption-column", help="Parquet column with captions (default: caption, text or txt)")
     encode.add_argument("--model", required=True, help="VAE checkpoint: file, diffusers/pipeline folder or hub id")
     encode.add_argument("--output", required=True, help="dataset folder to write")
     encode.add_argument("--resolution", type=int, help="target side in pixels (default: the config's sample_size)")
@@ -103,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="crop position (random is seeded)")
     encode.add_argument("--flip", action="store_true", help="also store the latent of the horizontally flipped image")
     encode.add_argument("--batch-size", type=int, default=8)
-    encode.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    encode.add_argument("--device", help="torch device (default: cuda when there is a GPU, else cpu)")
     encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="compute dtype (default: %(default)s, exact); float16 falls back to float32 on overflow")
     encode.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
@@ -121,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--max-memory",
                         help="activation memory budget, e.g. 4GiB; larger images are encoded in exact tiles "
                              "(default: the memory free on the device)")
+    encode.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="run here, or on a Ray cluster (pip install 'sdvae[ray]') (default: %(default)s)")
+    encode.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
+    encode.add_argument("--ray-actors", type=int,
+                        help="encoder actors (default: one per GPU in the cluster, else 1)")
+    encode.add_argument("--ray-actor-cpus", type=float, default=1.0,
+                        help="CPUs each encoder actor reserves; on CPU-only clusters also its torch threads "
+                             "(default: %(default)s)")
     encode.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --output")
     encode.add_argument("--overwrite", action="store_true", help="replace latents already in --output")
     encode.set_defaults(run=_encode)

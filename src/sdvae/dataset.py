@@ -2,17 +2,17 @@
 
     DIR/manifest.json           model identity, config, scaling, preprocessing settings, format, sdvae version
     DIR/shards/NNNNN.safetensors `mean_WxH`, `logvar_WxH`: [n, L, H/8, W/8] per bucket present in the shard
-    DIR/metadata/NNNNN.parquet  one row per stored latent (key, source, sizes, crop, flip, shard, tensor, row)
+    DIR/metadata/NNNNN.parquet  one row per stored latent (key, source, caption, input_id, sizes, crop, flip,
+                                shard, tensor, row)
     DIR/errors/NNNNN.jsonl      inputs of that shard that failed; DIR/errors.jsonl gathers them all
 A shard counts as written once its metadata part exists: every file is written under a temporary name and
-renamed, the metadata part last. Readers see only whole shards.
+renamed, the metadata part last. Readers see only whole shards. All writes go through `storage.LocalStore`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import zlib
 from collections.abc import Iterable
@@ -25,21 +25,11 @@ import torch
 from .config import VaeConfig
 from .distribution import seeded_noise
 from .scaling import scale_latents
+from .storage import LocalStore
 
 FORMAT = "sdvae-latents/1"
 MANIFEST = "manifest.json"
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary name in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -55,63 +45,77 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_manifest(store: LocalStore) -> dict[str, Any] | None:
+    data = store.read(MANIFEST)
+    return None if data is None else json.loads(data)
+
+
+def write_json(store: LocalStore, name: str, value: Any) -> None:
+    store.write(name, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def write_jsonl(store: LocalStore, name: str, records: list[dict[str, Any]]) -> None:
+    store.write(name, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-def write_shard(root: Path, index: int, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]],
-                errors: list[dict[str, Any]], settings: str) -> None:
-    """Write one shard: latents, then its errors, then its metadata part (the marker that it is complete)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def write_shard_data(store: LocalStore, index: int, tensors: dict[str, torch.Tensor], errors: list[dict[str, Any]],
+                     settings: str) -> None:
+    """Write one shard's latents and error records (a worker's part; the shard is not complete yet)."""
     from safetensors.torch import save
 
     name = shard_name(index)
-    write_atomic(root / "shards" / f"{name}.safetensors",
-                 save({k: v.contiguous() for k, v in tensors.items()}, metadata={"settings_id": settings}))
-    write_atomic(root / "errors" / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode())
-    table = pa.Table.from_pylist([{**r, "shard": index, "settings_id": settings} for r in rows],
-                                 schema=_schema(pa))
+    store.write(f"shards/{name}.safetensors",
+                save({k: v.contiguous() for k, v in tensors.items()}, metadata={"settings_id": settings}))
+    write_jsonl(store, f"errors/{name}.jsonl", errors)
+
+
+def write_shard_marker(store: LocalStore, index: int, rows: list[dict[str, Any]], settings: str) -> None:
+    """Write one shard's metadata part, the marker that its latents and errors are all on disk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([{**r, "shard": index, "settings_id": settings} for r in rows], schema=_schema(pa))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_atomic(root / "metadata" / f"{name}.parquet", sink.getvalue().to_pybytes())
+    store.write(f"metadata/{shard_name(index)}.parquet", sink.getvalue().to_pybytes())
 
 
 def _schema(pa):
     pair = pa.list_(pa.int32(), 2)
     return pa.schema([("key", pa.string()), ("source", pa.string()), ("caption", pa.string()),
-                      ("original_size", pair), ("crop", pa.list_(pa.int32(), 4)), ("bucket", pair),
-                      ("flipped", pa.bool_()), ("shard", pa.int32()), ("tensor", pa.string()), ("row", pa.int32()),
-                      ("settings_id", pa.string())])
+                      ("input_id", pa.string()), ("original_size", pair), ("crop", pa.list_(pa.int32(), 4)),
+                      ("bucket", pair), ("flipped", pa.bool_()), ("shard", pa.int32()), ("tensor", pa.string()),
+                      ("row", pa.int32()), ("settings_id", pa.string())])
 
 
-def complete_shards(root: Path) -> list[int]:
+def complete_shards(store: LocalStore) -> list[int]:
     """Indices of the shards whose metadata part exists (and so are complete)."""
-    folder = root / "metadata"
-    return sorted(int(p.stem) for p in folder.glob("[0-9]*.parquet")) if folder.is_dir() else []
+    return [int(n[:-8]) for n in store.list("metadata") if n.endswith(".parquet") and n[:-8].isdigit()]
 
 
-def read_metadata(root: Path) -> list[dict[str, Any]]:
-    """Every stored latent's metadata row, in shard order."""
+def read_shard_rows(store: LocalStore, index: int) -> list[dict[str, Any]]:
+    """The metadata rows of one complete shard."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows: list[dict[str, Any]] = []
-    for index in complete_shards(root):
-        rows.extend(pq.read_table(root / "metadata" / f"{shard_name(index)}.parquet").to_pylist())
-    return rows
+    return pq.read_table(pa.BufferReader(store.read(f"metadata/{shard_name(index)}.parquet"))).to_pylist()
 
 
-def read_errors(root: Path, shards: Iterable[int]) -> list[dict[str, Any]]:
+def read_metadata(store: LocalStore) -> list[dict[str, Any]]:
+    """Every stored latent's metadata row, in shard order."""
+    return [row for index in complete_shards(store) for row in read_shard_rows(store, index)]
+
+
+def read_errors(store: LocalStore, shards: Iterable[int]) -> list[dict[str, Any]]:
+    """The error records of `shards`, in shard order."""
     out = []
     for index in shards:
-        path = root / "errors" / f"{shard_name(index)}.jsonl"
-        if path.is_file():
-            out.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        data = store.read(f"errors/{shard_name(index)}.jsonl") or b""
+        out.extend(json.loads(line) for line in data.decode().splitlines() if line.strip())
     return out
 
 
@@ -147,11 +151,12 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, mode: bool = False, seed: int = 0):
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+        store = LocalStore(self.root)
+        self.manifest = read_manifest(store)
         if self.manifest is None or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{self.root}: not an sdvae latent dataset (no {MANIFEST} of format {FORMAT})")
         self.config = VaeConfig.from_diffusers(self.manifest["config"])
-        self.rows = read_metadata(self.root)
+        self.rows = read_metadata(store)
         wanted = self.manifest["settings_id"]
         mixed = sorted({r["settings_id"] for r in self.rows} - {wanted})
         if mixed:

@@ -1,20 +1,20 @@
-"""`sdvae encode` on one machine: list inputs, preprocess in worker processes, encode in batches, write shards.
+"""`sdvae encode`: plan the shards, prepare images, encode them, write the dataset; and the local engine.
 
-Resumable: a shard is written whole or not at all, so a rerun with `resume=True` skips the images of complete
-shards, throws away a half-written one and encodes the rest.
+Both engines share every piece here. `plan_job` lists the inputs and assigns each image to a shard by its position
+in the input order (never by scheduling), so a rerun maps every image to the same shard. A shard is written whole or
+not at all (latents and errors first, the metadata part last, each under a temporary name and renamed), so
+`resume=True` keeps the complete shards whose inputs are unchanged and redoes the rest.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import multiprocessing
 import random
-import shutil
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,28 +24,17 @@ import numpy as np
 import torch
 
 from . import __version__
-from .dataset import (FORMAT, MANIFEST, complete_shards, file_sha256, read_errors, read_manifest, read_metadata,
-                      settings_id, write_atomic, write_shard)
-from .distribution import DiagonalGaussian
-from .loading import load_encoder
-from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_rgb, make_buckets, prepare, target_size
+from .dataset import (FORMAT, MANIFEST, complete_shards, file_sha256, read_errors, read_manifest, read_shard_rows,
+                      settings_id, shard_name, write_json, write_jsonl, write_shard_data, write_shard_marker)
+from .loading import load_encoder, open_checkpoint
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, Prepared, load_rgb, make_buckets, prepare, target_size
+from .sources import INPUT_IDS, Item, list_inputs, read_images
+from .storage import LocalStore, open_store
 
 log = logging.getLogger("sdvae")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
-LIST_SUFFIXES = {".txt", ".lst"}
-CAPTION_SUFFIXES = (".txt", ".caption")
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SHARD_BYTES = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input image: a stable unique key, where it lives, and its caption if a sidecar file has one."""
-
-    key: str
-    source: str
-    caption: str | None = None
+SHARD_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -62,64 +51,30 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def _caption(path: Path) -> str | None:
-    for suffix in CAPTION_SUFFIXES:
-        sidecar = path.with_suffix(suffix)
-        if sidecar.is_file():
-            return sidecar.read_text(errors="replace").strip()
-    return None
+@dataclass(frozen=True)
+class Runtime:
+    """How the encoder runs: these change speed and memory, never the latents."""
+
+    batch_size: int = 8
+    device: str | None = None  # None: CUDA when there is a GPU, else the CPU
+    tile_size: int | None = None
+    max_memory: int | str | None = None
 
 
-def list_inputs(inputs: list[str]) -> list[Item]:
-    """Image files, folders (recursive, image suffixes only) and text files listing paths, in a stable order.
+@dataclass
+class Job:
+    """A planned run: where it writes, what it promises (the manifest), every shard's items, and which to do."""
 
-    Keys: a folder's images by their path relative to it, listed or named files by the path as written.
-    """
-    items: list[Item] = []
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            items += [Item(p.relative_to(path).as_posix(), str(p), _caption(p)) for p in files]
-        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            for line in path.read_text().splitlines():
-                entry = line.strip()
-                if entry and not entry.startswith("#"):
-                    listed = Path(entry) if Path(entry).is_absolute() else path.parent / entry
-                    items.append(Item(entry, str(listed), _caption(listed)))
-        elif path.exists():
-            items.append(Item(spec, str(path), _caption(path)))
-        else:
-            raise FileNotFoundError(f"{spec}: no such file or folder")
-    seen: dict[str, str] = {}
-    for item in items:
-        if item.key in seen:
-            raise ValueError(f"two inputs have the key {item.key!r}: {seen[item.key]} and {item.source}; "
-                             "give them from one common folder")
-        seen[item.key] = item.source
-    return items
+    store: LocalStore
+    manifest: dict[str, Any]
+    settings: Settings
+    model_file: str
+    plan: list[list[Item]]
+    todo: list[int]
 
-
-def _prepare(args: tuple[Item, Settings, list[tuple[int, int]] | None]) -> tuple[Item, Any]:
-    """Worker: decode and crop one image; returns the Prepared image or the reason it failed."""
-    item, settings, buckets = args
-    try:
-        im = load_rgb(item.source, settings.max_pixels)
-        target = target_size(im.width, im.height, settings.resolution, buckets)
-        rng = random.Random(f"{settings.seed}|{item.key}")
-        return item, prepare(im, target, settings.crop, rng)
-    except (ImageError, OSError) as e:
-        return item, str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"
-
-
-def _prepared(items: list[Item], settings: Settings, workers: int) -> Iterator[tuple[Item, Any]]:
-    buckets = make_buckets(settings.resolution) if settings.buckets else None
-    jobs = ((item, settings, buckets) for item in items)
-    if workers <= 0:
-        yield from map(_prepare, jobs)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_prepare, jobs, chunksize=4)
+    @property
+    def settings_id(self) -> str:
+        return self.manifest["settings_id"]
 
 
 class Progress:
@@ -156,113 +111,222 @@ class Progress:
             self.bar.close()
 
 
-def _prepare_output(root: Path, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    existing = read_manifest(root)
+def plan_shards(items: list[Item], per_shard: int) -> list[list[Item]]:
+    """Consecutive runs of `per_shard` items in input order: shard i always holds the same images."""
+    return [items[start:start + per_shard] for start in range(0, len(items), per_shard)]
+
+
+def plan_job(inputs: list[str], model: str, output: str | Path, settings: Settings, *, family: str | None = None,
+             shard_size: int | None = None, resume: bool = False, overwrite: bool = False,
+             image_column: str | None = None, caption_column: str | None = None) -> Job:
+    """List the inputs, check the output against the settings, write the manifest, and find the shards to do."""
+    store = open_store(output)
+    items = list_inputs(inputs, image_column, caption_column)
+    checkpoint = open_checkpoint(model, family=family)
+    if settings.resolution is None:
+        settings = replace(settings, resolution=checkpoint.config.sample_size)
+    config = checkpoint.config.to_diffusers()
+    shaping = {**asdict(settings), "model_sha256": file_sha256(checkpoint.path), "config": config}
+    manifest = {
+        "format": FORMAT, "sdvae_version": __version__, "settings_id": settings_id(shaping), "settings": shaping,
+        "model": {"source": str(model), "file": str(checkpoint.path), "sha256": shaping["model_sha256"]},
+        "config": config, "family": checkpoint.config.family,
+        "scaling_factor": checkpoint.config.scaling_factor, "shift_factor": checkpoint.config.shift_factor,
+        "latents": "mean and logvar (clamped to [-30, 20]) of the VAE posterior, stored as " + settings.store_dtype,
+        "inputs": {"identified_by": INPUT_IDS},
+    }
+    _check_output(store, manifest, resume, overwrite)
+    write_json(store, MANIFEST, manifest)
+    store_bytes = STORE_DTYPES[settings.store_dtype].itemsize
+    latent_bytes = 2 * checkpoint.config.latent_channels * (settings.resolution // 8) ** 2 * store_bytes
+    per_shard = shard_size or max(1, SHARD_BYTES // (latent_bytes * (2 if settings.flip else 1)))
+    plan = plan_shards(items, per_shard)
+    todo = _shards_to_do(store, plan)
+    log.info("%d inputs in %d shards, %d shard(s) to encode into %s", len(items), len(plan), len(todo), store)
+    return Job(store, manifest, settings, str(checkpoint.path), plan, todo)
+
+
+def _check_output(store: LocalStore, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    existing = read_manifest(store)
     if existing is not None and overwrite:
-        for name in ("shards", "metadata", "errors"):
-            shutil.rmtree(root / name, ignore_errors=True)
-        (root / "errors.jsonl").unlink(missing_ok=True)
+        for folder in ("metadata", "shards", "errors"):
+            for name in store.list(folder):
+                store.remove(f"{folder}/{name}")
+        store.remove("errors.jsonl")
     elif existing is not None and existing.get("settings_id") != manifest["settings_id"]:
         before = existing.get("settings", {})
         changed = sorted(k for k, v in manifest["settings"].items() if before.get(k) != v)
-        raise ValueError(f"{root}: holds latents written with other settings ({', '.join(changed) or 'model'}); "
+        raise ValueError(f"{store}: holds latents written with other settings ({', '.join(changed) or 'model'}); "
                          "use another --output, or --overwrite to replace them")
     elif existing is not None and not resume:
-        raise ValueError(f"{root}: already holds latents; pass --resume to continue, or --overwrite to start over")
-    elif existing is None and root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root}: is not empty and not an sdvae dataset; choose an empty or new --output")
-    write_atomic(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    done = set(complete_shards(root))
-    for folder, suffix in (("shards", ".safetensors"), ("errors", ".jsonl")):
-        for path in (root / folder).glob("*") if (root / folder).is_dir() else []:
-            if path.name.startswith(".") or (path.suffix == suffix and int(path.stem) not in done):
-                path.unlink()  # a temporary file or a shard whose metadata never got written: redo it
+        raise ValueError(f"{store}: already holds latents; pass --resume to continue, or --overwrite to start over")
+    elif existing is None and not store.is_empty():
+        raise ValueError(f"{store}: is not empty and not an sdvae dataset; choose an empty or new --output")
+
+
+def _shards_to_do(store: LocalStore, plan: list[list[Item]]) -> list[int]:
+    """The planned shards that are not complete with exactly their planned inputs, unchanged since encoded.
+
+    Complete shards that no longer match (an input changed, appeared or went away) lose their metadata part first,
+    so a kill during cleanup leaves them incomplete rather than stale. Leftover temporary files go too.
+    """
+    done = set()
+    stale = 0
+    for index in complete_shards(store):
+        if index < len(plan):
+            stored = {(r["key"], r["input_id"]) for r in read_shard_rows(store, index) if not r["flipped"]}
+            stored |= {(e["key"], e.get("input_id")) for e in read_errors(store, [index])}
+            if stored == {(item.key, item.input_id) for item in plan[index]}:
+                done.add(index)
+                continue
+            stale += 1
+        store.remove(f"metadata/{shard_name(index)}.parquet")
+    for folder in ("metadata", "shards", "errors"):
+        for name in store.list(folder):
+            index = name.split(".")[0]
+            if name.startswith(".") or index.isdigit() and int(index) not in done and folder != "metadata":
+                store.remove(f"{folder}/{name}")
+    if stale:
+        log.info("%d stored shard(s) no longer match their inputs (changed, added or removed): encoding them again",
+                 stale)
+    return [index for index in range(len(plan)) if index not in done]
+
+
+def finish_job(job: Job) -> dict[str, int]:
+    """Gather every complete shard's errors into errors.jsonl and record the totals in the manifest."""
+    shards = complete_shards(job.store)
+    errors = read_errors(job.store, shards)
+    write_jsonl(job.store, "errors.jsonl", errors)
+    stored = sum(1 for index in shards for row in read_shard_rows(job.store, index) if not row["flipped"])
+    totals = {"images": sum(map(len, job.plan)), "stored": stored, "failed": len(errors),
+              "shards": len(job.plan), "complete_shards": len(shards)}
+    write_json(job.store, MANIFEST, {**job.manifest, "totals": totals})
+    return totals
+
+
+@functools.lru_cache(maxsize=8)
+def _buckets(resolution: int) -> list[tuple[int, int]]:
+    return make_buckets(resolution)
+
+
+def prepare_shard(items: list[Item], settings: Settings) -> list[tuple[Item, Prepared | str]]:
+    """Read, decode, resize and crop a shard's images; each comes back as its pixels or the reason it failed."""
+    buckets = _buckets(settings.resolution) if settings.buckets else None
+    out: list[tuple[Item, Prepared | str]] = []
+    for item, data in read_images(items):
+        if isinstance(data, str):
+            out.append((item, data))
+            continue
+        try:
+            im = load_rgb(data, settings.max_pixels)
+            target = target_size(im.width, im.height, settings.resolution, buckets)
+            out.append((item, prepare(im, target, settings.crop, random.Random(f"{settings.seed}|{item.key}"))))
+        except (ImageError, OSError) as e:
+            out.append((item, str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"))
+    return out
+
+
+class ShardEncoder:
+    """The model side of a shard: loads the encoder once, turns prepared images into latents and metadata rows."""
+
+    def __init__(self, model_file: str, config: dict[str, Any], settings: Settings, runtime: Runtime):
+        self.settings, self.runtime = settings, runtime
+        device = runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = load_encoder(model_file, config=config, device=device,
+                                    dtype=getattr(torch, settings.dtype))
+        self.store_dtype = STORE_DTYPES[settings.store_dtype]
+
+    def __call__(self, prepared: list[tuple[Item, Prepared | str]], on_batch: Callable[[int], None] = lambda n: None
+                 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Encode in same-size batches; returns the shard's tensors, metadata rows and error records."""
+        errors = [item.record(result) for item, result in prepared if isinstance(result, str)]
+        by_bucket: dict[tuple[int, int], list[tuple[dict[str, Any], np.ndarray]]] = defaultdict(list)
+        for item, result in prepared:
+            if isinstance(result, str):
+                continue
+            meta = {"key": item.key, "source": item.source, "caption": item.caption, "input_id": item.input_id,
+                    "original_size": list(result.original_size), "crop": list(result.crop),
+                    "bucket": list(result.bucket)}
+            by_bucket[result.bucket].append(({**meta, "flipped": False}, result.pixels))
+            if self.settings.flip:
+                flipped = np.ascontiguousarray(result.pixels[:, ::-1])
+                by_bucket[result.bucket].append(({**meta, "flipped": True}, flipped))
+        tensors: dict[str, torch.Tensor] = {}
+        rows: list[dict[str, Any]] = []
+        size = self.runtime.batch_size
+        for bucket, entries in by_bucket.items():
+            tag = f"{bucket[0]}x{bucket[1]}"
+            means, logvars = [], []
+            for start in range(0, len(entries), size):
+                batch = entries[start:start + size]
+                dist = self._encode(np.stack([pixels for _, pixels in batch]))
+                means.append(dist.mean.to("cpu", self.store_dtype))
+                logvars.append(dist.logvar.to("cpu", self.store_dtype))
+                on_batch(sum(1 for meta, _ in batch if not meta["flipped"]))
+            tensors[f"mean_{tag}"], tensors[f"logvar_{tag}"] = torch.cat(means), torch.cat(logvars)
+            rows += [{**meta, "tensor": tag, "row": i} for i, (meta, _) in enumerate(entries)]
+        return tensors, rows, errors
+
+    def _encode(self, pixels: np.ndarray):
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.encoder.device, torch.float32) / 127.5 - 1.0
+        with torch.no_grad():
+            return self.encoder.encode(x, tile_size=self.runtime.tile_size, max_memory=self.runtime.max_memory)
+
+
+def _prepared_shards(job: Job, workers: int) -> Iterator[list[tuple[Item, Prepared | str]]]:
+    """The to-do shards prepared in order, by `workers` processes (at most one shard ahead each) or inline."""
+    shards = (job.plan[index] for index in job.todo)
+    if workers <= 0:
+        yield from (prepare_shard(items, job.settings) for items in shards)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending: deque = deque()
+        for items in shards:
+            pending.append(pool.apply_async(prepare_shard, (items, job.settings)))
+            if len(pending) > workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: Settings, *, family: str | None = None,
-                   batch_size: int = 8, device: str = "cpu", workers: int = 0, shard_size: int | None = None,
-                   resume: bool = False, overwrite: bool = False, tile_size: int | None = None,
-                   max_memory: int | str | None = None) -> dict[str, int]:
-    """Encode every input image into the dataset at `output`; returns counts of images encoded and failed.
+                   runtime: Runtime = Runtime(), workers: int = 0, shard_size: int | None = None,
+                   resume: bool = False, overwrite: bool = False, image_column: str | None = None,
+                   caption_column: str | None = None, engine: str = "local", ray_address: str | None = None,
+                   ray_actors: int | None = None, ray_actor_cpus: float = 1.0) -> dict[str, int]:
+    """Encode every input image into the dataset at `output`; returns this run's counts (encoded, failed, skipped).
 
-    `tile_size` and `max_memory` go to `VaeEncoder.encode` (exact tiling: they change memory, not latents).
+    `engine="local"` runs here (`workers` processes decode while the model runs); `engine="ray"` runs the same
+    plan on a Ray cluster (`ray_address`, else RAY_ADDRESS, else a local instance) with `ray_actors` encoders.
     """
-    root = Path(output)
-    items = list_inputs(inputs)
-    encoder = load_encoder(model, family=family, device=device, dtype=getattr(torch, settings.dtype))
-    if settings.resolution is None:
-        settings = replace(settings, resolution=encoder.config.sample_size)
-    model_path = Path(encoder.load_report.source)
-    config = encoder.config.to_diffusers()
-    shape_settings = {**asdict(settings), "model_sha256": file_sha256(model_path), "config": config}
-    store_dtype = STORE_DTYPES[settings.store_dtype]
-    manifest = {
-        "format": FORMAT, "sdvae_version": __version__, "settings_id": settings_id(shape_settings),
-        "settings": shape_settings, "model": {"source": str(model), "file": str(model_path),
-                                              "sha256": shape_settings["model_sha256"]},
-        "config": config, "family": encoder.config.family,
-        "scaling_factor": encoder.config.scaling_factor, "shift_factor": encoder.config.shift_factor,
-        "latents": "mean and logvar (clamped to [-30, 20]) of the VAE posterior, stored as " + settings.store_dtype,
-    }
-    _prepare_output(root, manifest, resume, overwrite)
-    done_shards = complete_shards(root)
-    done = {r["key"] for r in read_metadata(root)} | {e["key"] for e in read_errors(root, done_shards)}
-    todo = [item for item in items if item.key not in done]
-    latent_bytes = 2 * encoder.config.latent_channels * (settings.resolution // 8) ** 2 * store_dtype.itemsize
-    per_shard = shard_size or max(1, SHARD_BYTES // (latent_bytes * (2 if settings.flip else 1)))
-    next_shard = max(done_shards, default=-1) + 1
-    log.info("%d inputs, %d already stored, %d to encode into %s", len(items), len(done), len(todo), root)
-    progress = Progress(len(todo))
-    encode = functools.partial(encoder.encode, tile_size=tile_size, max_memory=max_memory)
-    counts = {"encoded": 0, "failed": 0, "skipped": len(items) - len(todo)}
-    prepared = _prepared(todo, settings, workers)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "ray":
+        from .ray_engine import import_ray, run_ray
+
+        import_ray()  # before any work: a missing extra is a setup error
+    job = plan_job(inputs, model, output, settings, family=family, shard_size=shard_size, resume=resume,
+                   overwrite=overwrite, image_column=image_column, caption_column=caption_column)
+    if engine == "ray":
+        return run_ray(job, runtime, address=ray_address, actors=ray_actors, actor_cpus=ray_actor_cpus)
+    return run_local(job, ShardEncoder(job.model_file, job.manifest["config"], job.settings, runtime), workers)
+
+
+def run_local(job: Job, shard_encoder: ShardEncoder, workers: int) -> dict[str, int]:
+    """The local engine: prepare (inline or in worker processes), encode and write the to-do shards in order."""
+    progress = Progress(sum(len(job.plan[index]) for index in job.todo))
+    counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - progress.total}
+    prepared = _prepared_shards(job, workers)
     try:
-        for start in range(0, len(todo), per_shard):
-            chunk = todo[start:start + per_shard]
-            written = _encode_shard(root, next_shard, [next(prepared) for _ in chunk], encode, encoder.device,
-                                    settings, batch_size, store_dtype, manifest["settings_id"], progress)
-            counts["encoded"] += written[0]
-            counts["failed"] += written[1]
-            next_shard += 1
+        for index, shard in zip(job.todo, prepared):
+            tensors, rows, errors = shard_encoder(shard, progress.update)
+            progress.update(len(errors), failed=len(errors))
+            write_shard_data(job.store, index, tensors, errors, job.settings_id)
+            write_shard_marker(job.store, index, rows, job.settings_id)
+            counts["encoded"] += len(shard) - len(errors)
+            counts["failed"] += len(errors)
     finally:
         progress.close()
         prepared.close()
-        errors = read_errors(root, complete_shards(root))
-        write_atomic(root / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode())
+        finish_job(job)
     return counts
-
-
-def _encode_shard(root: Path, index: int, prepared: list[tuple[Item, Any]],
-                  encode: Callable[[torch.Tensor], DiagonalGaussian], device: torch.device, settings: Settings,
-                  batch_size: int, store_dtype: torch.dtype, sid: str, progress: Progress) -> tuple[int, int]:
-    """Encode one shard's images in same-size batches and write the shard; returns (encoded, failed)."""
-    rows: list[dict[str, Any]] = []
-    errors: list[dict[str, Any]] = []
-    by_bucket: dict[tuple[int, int], list[tuple[dict[str, Any], np.ndarray]]] = defaultdict(list)
-    for item, result in prepared:
-        if isinstance(result, str):
-            errors.append({"key": item.key, "path": item.source, "error": result})
-            continue
-        meta = {"key": item.key, "source": item.source, "caption": item.caption,
-                "original_size": list(result.original_size), "crop": list(result.crop), "bucket": list(result.bucket)}
-        by_bucket[result.bucket].append(({**meta, "flipped": False}, result.pixels))
-        if settings.flip:
-            by_bucket[result.bucket].append(({**meta, "flipped": True}, np.ascontiguousarray(result.pixels[:, ::-1])))
-    tensors: dict[str, torch.Tensor] = {}
-    for bucket, entries in by_bucket.items():
-        tag = f"{bucket[0]}x{bucket[1]}"
-        means, logvars = [], []
-        for start in range(0, len(entries), batch_size):
-            batch = entries[start:start + batch_size]
-            pixels = torch.from_numpy(np.stack([p for _, p in batch])).permute(0, 3, 1, 2)
-            x = pixels.to(device, torch.float32) / 127.5 - 1.0
-            with torch.no_grad():
-                dist = encode(x)
-            means.append(dist.mean.to("cpu", store_dtype))
-            logvars.append(dist.logvar.to("cpu", store_dtype))
-            progress.update(sum(1 for meta, _ in batch if not meta["flipped"]))
-        tensors[f"mean_{tag}"], tensors[f"logvar_{tag}"] = torch.cat(means), torch.cat(logvars)
-        rows += [{**meta, "tensor": tag, "row": i} for i, (meta, _) in enumerate(entries)]
-    progress.update(len(errors), failed=len(errors))
-    write_shard(root, index, tensors, rows, errors, sid)
-    return sum(1 for r in rows if not r["flipped"]), len(errors)

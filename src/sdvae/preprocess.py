@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import warnings
@@ -41,8 +42,8 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
 
 
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Decode an image as 8-bit RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled down.
+def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decode an image (a file, or its encoded bytes) as 8-bit RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled down.
 
     Raises ImageError for unreadable, truncated, empty or oversized (decompression bomb) files.
     """
@@ -52,7 +53,7 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", image_cls.DecompressionBombWarning)
-            with image_cls.open(path) as im:
+            with image_cls.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
                 if im.width * im.height > max_pixels:
                     raise ImageError(f"{im.width}x{im.height} is over the {max_pixels}-pixel limit "
                                      "(decompression-bomb guard; raise --max-pixels to allow it)")
@@ -60,7 +61,9 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
                 im.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, image_cls.DecompressionBombError, image_cls.DecompressionBombWarning) as e:
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read (unknown format or damaged header)") from None
+    except (image_cls.DecompressionBombError, image_cls.DecompressionBombWarning) as e:
         raise ImageError(str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode: {e}") from None

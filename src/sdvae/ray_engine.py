@@ -1,0 +1,102 @@
+"""`sdvae encode --engine ray`: the planned shards as one Ray Data pipeline across a cluster.
+
+    shards to do (driver) -> read, decode, crop (CPU tasks) -> encode and write latents (actor pool) -> metadata (driver)
+
+A row of the pipeline is one shard. Actors load the encoder once and write the shard's latents and error records
+under temporary names; the driver writes the shard's metadata part (its completion marker) when the actor's result
+arrives, and the manifest last. A retried task rewrites the same shard name, so nothing is ever stored twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from typing import Any
+
+import torch
+
+from .dataset import write_shard_data, write_shard_marker
+from .job import Job, Progress, Runtime, ShardEncoder, Settings, finish_job, prepare_shard
+from .storage import open_store
+
+log = logging.getLogger("sdvae")
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the Data library comes with the ray[data] extra only)
+    except ImportError:
+        raise ImportError("--engine ray needs Ray Data: pip install 'sdvae[ray]'") from None
+    return ray
+
+
+def _prepare_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """CPU task: read, decode and crop one shard's images."""
+    prepared = prepare_shard(pickle.loads(row["items"]), settings)
+    return {"shard": row["shard"], "prepared": pickle.dumps(prepared, protocol=5)}
+
+
+class _EncodeShards:
+    """Actor: holds one encoder; encodes each shard it is given and writes its latents and errors."""
+
+    def __init__(self, root: str, model_file: str, config: dict[str, Any], settings: Settings, runtime: Runtime,
+                 settings_id: str, threads: int):
+        torch.set_num_threads(threads)
+        self.store = open_store(root)
+        self.encoder = ShardEncoder(model_file, config, settings, runtime)
+        self.settings_id = settings_id
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"shard": [], "rows": [], "failed": []}
+        for index, prepared in zip(batch["shard"], batch["prepared"]):
+            tensors, rows, errors = self.encoder(pickle.loads(prepared))
+            write_shard_data(self.store, int(index), tensors, errors, self.settings_id)
+            out["shard"].append(int(index))
+            out["rows"].append(json.dumps(rows))
+            out["failed"].append(len(errors))
+        return out
+
+
+def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: int | None = None,
+            actor_cpus: float = 1.0) -> dict[str, int]:
+    """Run the job's to-do shards on Ray (connecting to `address`, RAY_ADDRESS, or a new local instance)."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level=logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = runtime.device or ("cuda" if gpus else "cpu")
+    actors = actors or max(1, gpus)
+    on_gpu = device.startswith("cuda")
+    log.info("ray: %d actor(s) on %s, %s", actors, device, {k: v for k, v in ray.cluster_resources().items()
+                                                             if k in ("CPU", "GPU")})
+    progress = Progress(sum(len(job.plan[index]) for index in job.todo))
+    counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - progress.total}
+    shards = [{"shard": index, "items": pickle.dumps(job.plan[index])} for index in job.todo]
+    try:
+        if shards:
+            pipeline = (
+                ray.data.from_items(shards, override_num_blocks=len(shards))
+                # explicit retries also keep Ray from fusing decoding into the encoder actors on CPU clusters
+                .map(_prepare_row, fn_kwargs={"settings": job.settings}, num_cpus=1, max_retries=3)
+                .map_batches(_EncodeShards, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                             num_gpus=1 if on_gpu else 0, num_cpus=actor_cpus,
+                             fn_constructor_args=(str(job.store), job.model_file, job.manifest["config"],
+                                                  job.settings, Runtime(runtime.batch_size, device, runtime.tile_size,
+                                                                        runtime.max_memory),
+                                                  job.settings_id, max(1, round(actor_cpus))))
+            )
+            for result in pipeline.iter_rows():
+                index, rows, failed = int(result["shard"]), json.loads(result["rows"]), int(result["failed"])
+                write_shard_marker(job.store, index, rows, job.settings_id)
+                encoded = len(job.plan[index]) - failed
+                progress.update(encoded + failed, failed=failed)
+                counts["encoded"] += encoded
+                counts["failed"] += failed
+    finally:
+        progress.close()
+        finish_job(job)
+    return counts

@@ -1,0 +1,274 @@
+"""Where input images come from: files, folders, path lists, WebDataset tars and Parquet files.
+
+`list_inputs` turns the command line's INPUTs into `Item`s in a stable order (cheap: headers and captions only);
+`read_images` fetches the encoded bytes of a group of items, opening each tar or Parquet file once.
+Every item carries `input_id`, what identifies its content without reading it (size and mtime for a file, the
+member header for a tar member, the file's size and mtime for a Parquet row), so a resume can tell stale latents.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
+LIST_SUFFIXES = {".txt", ".lst"}
+CAPTION_SUFFIXES = (".txt", ".caption")
+IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "jpeg")
+CAPTION_COLUMNS = ("caption", "text", "txt")
+INPUT_IDS = {
+    "file": "file size and mtime_ns, and the caption",
+    "tar": "member size and mtime from its tar header, and the caption",
+    "parquet": "the Parquet file's size and mtime_ns, and the caption",
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image. `kind` is file, tar or parquet; `source` the file holding it; `member` the tar member's
+    data offset and size, or the Parquet row; `error` is set when listing already found it unreadable."""
+
+    key: str
+    source: str
+    caption: str | None = None
+    kind: str = "file"
+    input_id: str = ""
+    member: tuple[int, int] | int | None = None
+    column: str | None = None
+    error: str | None = None
+
+    def record(self, error: str) -> dict[str, Any]:
+        """This item's line in errors.jsonl."""
+        where = {"tar": "member", "parquet": "row"}.get(self.kind)
+        extra = {where: self.key.rsplit("/", 1)[-1] if where == "member" else self.member} if where else {}
+        return {"key": self.key, "path": self.source, **extra, "input_id": self.input_id, "error": error}
+
+
+def _identity(stat_part: str, caption: str | None) -> str:
+    return f"{stat_part}:{zlib.crc32((caption or '').encode()):08x}"
+
+
+def _file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def expand_braces(spec: str) -> list[str]:
+    """`data/{00000..00003}.tar` and `{a,b}.tar` expanded as a shell would (zero padding kept), in order."""
+    match = re.search(r"\{([^{}]*)\}", spec)
+    if match is None:
+        return [spec]
+    body, head, tail = match.group(1), spec[:match.start()], spec[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        return [spec]
+    return [out for option in options for out in expand_braces(head + option + tail)]
+
+
+def _caption_beside(path: Path) -> str | None:
+    for suffix in CAPTION_SUFFIXES:
+        sidecar = path.with_suffix(suffix)
+        if sidecar.is_file():
+            return sidecar.read_text(errors="replace").strip()
+    return None
+
+
+def _file_item(key: str, path: Path) -> Item:
+    caption = _caption_beside(path)
+    try:
+        input_id = _identity(_file_id(path), caption)
+    except OSError as e:
+        return Item(key, str(path), caption, error=f"{type(e).__name__}: {e}")
+    return Item(key, str(path), caption, input_id=input_id)
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """WebDataset grouping: `dir/0001.seg.png` is key `dir/0001`, extension `seg.png`."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _tar_items(name: str, path: Path) -> list[Item]:
+    """A WebDataset shard's images (in member order), each with the `.txt` caption of its key."""
+    images: dict[str, tarfile.TarInfo] = {}
+    captions: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = _member_key(info.name)
+                if "." + ext.rsplit(".", 1)[-1] in IMAGE_SUFFIXES:
+                    images.setdefault(key, info)
+                elif ext in ("txt", "caption"):
+                    captions[key] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if not images:
+            return [Item(name, str(path), kind="tar", error=f"cannot read the tar: {e}")]
+        # a truncated tar: its complete members still count; one cut short fails when read
+    items = []
+    size = path.stat().st_size
+    for key, info in images.items():
+        caption = captions[key].decode("utf-8", "replace").strip() if key in captions else None
+        item = Item(f"{name}/{key}", str(path), caption, "tar", _identity(f"{info.size}:{info.mtime}", caption),
+                    member=(info.offset_data, info.size))
+        if info.offset_data + info.size > size:
+            item = Item(**{**item.__dict__, "error": f"member {info.name} is cut short (truncated tar)"})
+        items.append(item)
+    return items
+
+
+def parquet_columns(schema, path: Path, image_column: str | None,
+                    caption_column: str | None) -> tuple[str, str | None]:
+    """The image and caption columns: the ones asked for, else the first conventional name in the schema."""
+    import pyarrow as pa
+
+    names = schema.names
+
+    def holds_bytes(name: str) -> bool:
+        kind = schema.field(name).type
+        return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+
+    for wanted, what in ((image_column, "image"), (caption_column, "caption")):
+        if wanted is not None and wanted not in names:
+            raise ValueError(f"{path}: no {what} column {wanted!r}; its columns are {', '.join(names)}")
+    image = image_column or next((n for n in IMAGE_COLUMNS if n in names and holds_bytes(n)), None)
+    if image is None:
+        binary = [n for n in names if holds_bytes(n)]
+        if len(binary) != 1:
+            raise ValueError(f"{path}: cannot tell which column holds the images (columns: {', '.join(names)}); "
+                             "name it with --image-column")
+        image = binary[0]
+    caption = caption_column or next((n for n in CAPTION_COLUMNS if n in names), None)
+    return image, caption
+
+
+def _parquet_items(name: str, path: Path, image_column: str | None, caption_column: str | None) -> list[Item]:
+    """A Parquet file's rows, each with the caption column's text; a file that cannot be read is one error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        handle = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        return [Item(name, str(path), kind="parquet", error=f"cannot read the Parquet file: {e}")]
+    image, caption_col = parquet_columns(handle.schema_arrow, path, image_column, caption_column)
+    texts: list[Any] = [None] * handle.metadata.num_rows
+    if caption_col:
+        try:
+            texts = handle.read(columns=[caption_col]).column(0).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            return [Item(name, str(path), kind="parquet", error=f"cannot read the caption column: {e}")]
+    stat = _file_id(path)
+    captions = [None if text is None else str(text).strip() for text in texts]
+    return [Item(f"{name}/{row}", str(path), caption, "parquet", _identity(stat, caption), member=row, column=image)
+            for row, caption in enumerate(captions)]
+
+
+def _from_path(key: str, path: Path, image_column: str | None, caption_column: str | None) -> list[Item]:
+    suffix = path.suffix.lower()
+    if suffix == ".tar":
+        return _tar_items(key, path)
+    if suffix == ".parquet":
+        return _parquet_items(key, path, image_column, caption_column)
+    return [_file_item(key, path)]
+
+
+def list_inputs(inputs: list[str], image_column: str | None = None,
+                caption_column: str | None = None) -> list[Item]:
+    """Every image of `inputs`, in a stable order, with keys unique across them.
+
+    An input is an image file, a folder (recursive: images, tars and Parquet files), a text file listing paths, a
+    WebDataset `.tar`, a `.parquet` file, or a brace pattern of those. Keys: a folder's entries by their path
+    relative to it, other files by the path as written; a tar member is `TAR/KEY`, a Parquet row `FILE/ROW`.
+    """
+    items: list[Item] = []
+    for spec in itertools.chain.from_iterable(map(expand_braces, inputs)):
+        path = Path(spec)
+        if path.is_dir():
+            wanted = IMAGE_SUFFIXES | {".tar", ".parquet"}
+            for p in sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file()):
+                items += _from_path(p.relative_to(path).as_posix(), p, image_column, caption_column)
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            for line in path.read_text().splitlines():
+                entry = line.strip()
+                if entry and not entry.startswith("#"):
+                    listed = Path(entry) if Path(entry).is_absolute() else path.parent / entry
+                    items += _from_path(entry, listed, image_column, caption_column)
+        elif path.exists():
+            items += _from_path(spec, path, image_column, caption_column)
+        else:
+            raise FileNotFoundError(f"{spec}: no such file or folder")
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.key in seen:
+            raise ValueError(f"two inputs have the key {item.key!r}: {seen[item.key]} and {item.source}; "
+                             "give them from one common folder")
+        seen[item.key] = item.source
+    return items
+
+
+def read_images(items: list[Item]) -> Iterator[tuple[Item, bytes | str]]:
+    """Each item with its encoded image bytes, or (a str) the reason they cannot be read; in the order given."""
+    parquet_cells: dict[str, dict[int, bytes | str]] = {}
+    for item in items:
+        if item.error is not None:
+            yield item, item.error
+        elif item.kind == "parquet":
+            if item.source not in parquet_cells:
+                rows = [i.member for i in items if i.source == item.source and i.kind == "parquet"]
+                parquet_cells[item.source] = _parquet_cells(item.source, item.column, rows)
+            yield item, parquet_cells[item.source][item.member]
+        else:
+            try:
+                yield item, _read_file_part(item)
+            except OSError as e:
+                yield item, f"{type(e).__name__}: {e}"
+
+
+def _read_file_part(item: Item) -> bytes | str:
+    with open(item.source, "rb") as f:
+        if item.kind == "file":
+            return f.read()
+        offset, size = item.member
+        f.seek(offset)
+        data = f.read(size)
+    return data if len(data) == size else f"member cut short: {len(data)} of {size} bytes"
+
+
+def _parquet_cells(path: str, column: str, rows: list[int]) -> dict[int, bytes | str]:
+    """The image bytes in `column` of `rows` (or why not), reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    wanted = sorted(set(rows))
+    cells: dict[int, bytes | str] = {}
+    try:
+        handle = pq.ParquetFile(path)
+        start = 0
+        for group in range(handle.metadata.num_row_groups):
+            stop = start + handle.metadata.row_group(group).num_rows
+            inside = [r for r in wanted if start <= r < stop]
+            if inside:
+                values = handle.read_row_group(group, columns=[column]).column(0)
+                for r in inside:
+                    cell = values[r - start].as_py()
+                    cell = cell.get("bytes") if isinstance(cell, dict) else cell
+                    cells[r] = cell or f"row {r}: no image bytes in column {column!r}"
+            start = stop
+    except Exception as e:  # a damaged file or row group: its rows fail, the run goes on
+        return {r: cells.get(r, f"cannot read row {r}: {e}") for r in wanted}
+    return cells
