@@ -1,15 +1,22 @@
-"""Images/s of `sdvae encode` at 256 px on this machine, with inline and parallel image decoding.
+"""Images/s of `sdvae encode` at 256 px: the local engine and Ray with 1 and 2 actors, and where the time goes.
 
-Writes a random-weight SD 1.5 checkpoint and N generated JPEGs (512x384) to a temporary folder, then runs the
-encode job with --workers 0 and 2, and times decoding+preprocessing alone and the model alone on the same images.
-Usage: python bench/encode_dataset.py [N]
+Writes a random-weight SD 1.5 checkpoint and N generated JPEGs (512x384) as WebDataset tars (img2dataset's layout:
+JPEG, caption, JSON) to a temporary folder, then
+  - times each stage alone on one core: listing the tars (the driver's planning), reading member bytes, JPEG
+    decoding, resize + crop, the encoder (batch 8), writing the shard (safetensors + Parquet);
+  - runs `encode_dataset` with the local engine and with Ray (a local 2-CPU instance) with 1 and 2 actors.
+Usage: python bench/encode_dataset.py [N]   (N images, default 48)
 """
 
 from __future__ import annotations
 
+import io
+import random
 import sys
+import tarfile
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,49 +24,104 @@ import torch
 from common import cpu_line
 from PIL import Image
 
-from sdvae import load_encoder
+from sdvae.dataset import write_shard_data, write_shard_marker
 from sdvae.demo import write_random_checkpoint
-from sdvae.job import Runtime, Settings, encode_dataset, prepare_shard
-from sdvae.sources import list_inputs
+from sdvae.job import Runtime, Settings, ShardEncoder, encode_dataset
+from sdvae.preprocess import load_rgb, prepare
+from sdvae.sources import list_inputs, read_images
+from sdvae.storage import LocalStore
+
+SIZE = 256
+PER_TAR = 16
 
 
-def main(n: int = 16) -> None:
+def write_tars(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    tars = []
+    for first in range(0, n, PER_TAR):
+        path = folder / f"{first // PER_TAR:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(first, min(n, first + PER_TAR)):
+                base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                jpeg = io.BytesIO()
+                Image.fromarray(base).resize((512, 384), Image.Resampling.BICUBIC).save(jpeg, "JPEG", quality=90)
+                for name, data in ((f"{i:09d}.jpg", jpeg.getvalue()), (f"{i:09d}.txt", b"a generated image"),
+                                   (f"{i:09d}.json", b'{"width": 512, "height": 384}')):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        tars.append(path)
+    return tars
+
+
+def stage_times(tars: list[Path], ckpt: Path, tmp: Path, settings: Settings) -> dict[str, tuple[float, str]]:
+    """Seconds per image of each stage, run one after the other on the same images."""
+    out: dict[str, tuple[float, str]] = {}
+    tracemalloc.start()
+    start = time.perf_counter()
+    items = list_inputs([str(t) for t in tars])
+    n = len(items)
+    out["plan (list tars, driver)"] = ((time.perf_counter() - start) / n,
+                                       f"{tracemalloc.get_traced_memory()[0] / n:.0f} B/item held")
+    tracemalloc.stop()
+    start = time.perf_counter()
+    blobs = [data for _, data in read_images(items)]
+    out["read member bytes"] = ((time.perf_counter() - start) / n, f"{sum(map(len, blobs)) / n / 1024:.0f} KiB/img")
+    start = time.perf_counter()
+    images = [load_rgb(b) for b in blobs]
+    out["decode JPEG"] = ((time.perf_counter() - start) / n, "512x384")
+    start = time.perf_counter()
+    prepared = [prepare(im, (SIZE, SIZE), "center", random.Random(0)) for im in images]
+    out["resize + crop"] = ((time.perf_counter() - start) / n, f"Lanczos to {SIZE}")
+    encoder = ShardEncoder(str(ckpt), _config(ckpt), settings, Runtime(batch_size=8))
+    start = time.perf_counter()
+    tensors, rows, errors = encoder(list(zip(items, prepared)))
+    out["encode (batch 8)"] = ((time.perf_counter() - start) / n, f"{torch.get_num_threads()} threads")
+    store = LocalStore(tmp / "stage-write")
+    start = time.perf_counter()
+    write_shard_data(store, 0, tensors, errors, "bench")
+    write_shard_marker(store, 0, rows, "bench")
+    out["write shard"] = ((time.perf_counter() - start) / n, "safetensors + Parquet, fsync")
+    return out
+
+
+def _config(ckpt: Path) -> dict:
+    from sdvae.loading import open_checkpoint
+
+    return open_checkpoint(ckpt, family="sd15").config.to_diffusers()
+
+
+def main(n: int = 48) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
     ckpt = tmp / "sd15.safetensors"
     write_random_checkpoint(ckpt)
-    images = tmp / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        Image.fromarray(base).resize((512, 384), Image.Resampling.BICUBIC).save(images / f"{i:04d}.jpg", quality=90)
-    settings = Settings(resolution=256)
-    rows = []
-    for workers in (0, 2):
+    (tmp / "wds").mkdir()
+    tars = write_tars(tmp / "wds", n)
+    settings = Settings(resolution=SIZE)
+    stages = stage_times(tars, ckpt, tmp, settings)
+    runs = []
+    inputs = [str(tmp / "wds")]
+    common = dict(family="sd15", runtime=Runtime(batch_size=8), shard_size=PER_TAR)
+    start = time.perf_counter()
+    encode_dataset(inputs, str(ckpt), tmp / "local", settings, **common)
+    runs.append(("local engine (--workers 0)", time.perf_counter() - start))
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    for actors, cpus in ((1, 1.0), (2, 0.5)):
         start = time.perf_counter()
-        encode_dataset([str(images)], str(ckpt), tmp / f"out{workers}", settings, family="sd15",
-                       runtime=Runtime(batch_size=8), workers=workers)
-        rows.append((f"sdvae encode --workers {workers}", n / (time.perf_counter() - start)))
-    items = list_inputs([str(images)])
-    start = time.perf_counter()
-    prepared = [p for _, p in prepare_shard(items, settings)]
-    decode_s = time.perf_counter() - start
-    encoder = load_encoder(ckpt, family="sd15")
-    x = torch.from_numpy(np.stack([p.pixels for p in prepared])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    start = time.perf_counter()
-    with torch.no_grad():
-        for batch in x.split(8):
-            encoder.encode(batch)
-    model_s = time.perf_counter() - start
-    rows.append(("decode + resize + crop only", n / decode_s))
-    rows.append(("model only (batch 8)", n / model_s))
-    print(f"{cpu_line(torch.get_num_threads())}, {n} JPEGs 512x384 -> 256x256, SD 1.5 encoder")
-    print(f"| {'what':32s} | images/s |")
-    print(f"|{'-' * 34}|----------|")
-    for name, rate in rows:
-        print(f"| {name:32s} | {rate:8.2f} |")
-    share = decode_s / (decode_s + model_s)
-    print(f"time share with inline decoding: images {share:.1%}, model {1 - share:.1%}")
+        encode_dataset(inputs, str(ckpt), tmp / f"ray{actors}", settings, engine="ray", ray_actors=actors,
+                       ray_actor_cpus=cpus, **common)
+        runs.append((f"ray, {actors} actor(s) of {cpus:g} CPU", time.perf_counter() - start))
+    ray.shutdown()
+    print(f"{cpu_line(torch.get_num_threads())}; {n} JPEGs 512x384 in WebDataset tars -> {SIZE}x{SIZE}, "
+          f"SD 1.5 encoder, float32, shards of {PER_TAR}")
+    print("\n| stage (one core unless noted) | ms/image | images/s | note |\n|---|---|---|---|")
+    for name, (seconds, note) in stages.items():
+        print(f"| {name} | {seconds * 1e3:.2f} | {1 / seconds:.1f} | {note} |")
+    print("\n| engine (whole run, incl. start-up) | seconds | images/s |\n|---|---|---|")
+    for name, seconds in runs:
+        print(f"| {name} | {seconds:.1f} | {n / seconds:.2f} |")
 
 
 if __name__ == "__main__":

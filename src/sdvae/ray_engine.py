@@ -59,6 +59,11 @@ class _EncodeShards:
         return out
 
 
+def _shard_pixel_bytes(job: Job) -> int:
+    """What a prepared shard holds: its images' RGB pixels, twice (the decoded arrays and their pickled copy)."""
+    return 2 * max(map(len, job.plan), default=1) * job.settings.resolution ** 2 * 3
+
+
 def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: int | None = None,
             actor_cpus: float = 1.0) -> dict[str, int]:
     """Run the job's to-do shards on Ray (connecting to `address`, RAY_ADDRESS, or a new local instance)."""
@@ -67,12 +72,15 @@ def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: i
         ray.init(address=address, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
     device = runtime.device or ("cuda" if gpus else "cpu")
     actors = actors or max(1, gpus)
     on_gpu = device.startswith("cuda")
-    log.info("ray: %d actor(s) on %s, %s", actors, device, {k: v for k, v in ray.cluster_resources().items()
-                                                             if k in ("CPU", "GPU")})
+    if actors * actor_cpus + 1 > cpus:
+        raise ValueError(f"{actors} actor(s) of {actor_cpus:g} CPU leave no CPU of the cluster's {cpus:g} for "
+                         "reading and decoding images; lower --ray-actors or --ray-actor-cpus")
+    log.info("ray: %d actor(s) on %s; the cluster has %g CPU(s), %d GPU(s)", actors, device, cpus, gpus)
     progress = Progress(sum(len(job.plan[index]) for index in job.todo))
     counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - progress.total}
     shards = [{"shard": index, "items": pickle.dumps(job.plan[index])} for index in job.todo]
@@ -80,8 +88,8 @@ def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: i
         if shards:
             pipeline = (
                 ray.data.from_items(shards, override_num_blocks=len(shards))
-                # explicit retries also keep Ray from fusing decoding into the encoder actors on CPU clusters
-                .map(_prepare_row, fn_kwargs={"settings": job.settings}, num_cpus=1, max_retries=3)
+                # reserving the prepared pixels' memory also keeps Ray from fusing this stage into the actors
+                .map(_prepare_row, fn_kwargs={"settings": job.settings}, num_cpus=1, memory=_shard_pixel_bytes(job))
                 .map_batches(_EncodeShards, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                              num_gpus=1 if on_gpu else 0, num_cpus=actor_cpus,
                              fn_constructor_args=(str(job.store), job.model_file, job.manifest["config"],

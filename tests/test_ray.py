@@ -1,0 +1,146 @@
+"""`--engine ray` gives the local engine's dataset: on a local instance, on a two-node cluster, and after kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from inputs import mixed_inputs
+from reference import rel_err
+from sdvae import LatentDataset
+from sdvae.job import Runtime, Settings, encode_dataset
+
+SETTINGS = Settings(resolution=64, max_pixels=10**6)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> list[str]:
+    return mixed_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def local(model, inputs, tmp_path_factory) -> Path:
+    """The local engine's dataset for the mixed inputs: what every Ray run must equal."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    encode_dataset(inputs, str(model), out, SETTINGS, shard_size=3)
+    return out
+
+
+def assert_same_dataset(got: Path, want: Path) -> None:
+    """Same keys (each once), captions, sources, error records; latents equal within float32 noise."""
+    a = {d["key"]: d for d in LatentDataset(got, mode=True)}
+    b = {d["key"]: d for d in LatentDataset(want, mode=True)}
+    assert len(a) == len(LatentDataset(got)) and sorted(a) == sorted(b)
+    for key, item in a.items():
+        assert (item["caption"], item["source"], item["crop"]) == (b[key]["caption"], b[key]["source"],
+                                                                  b[key]["crop"]), key
+        assert rel_err(item["mean"], b[key]["mean"]) <= 1e-5, key
+        assert rel_err(item["logvar"], b[key]["logvar"]) <= 1e-5, key
+    assert (got / "errors.jsonl").read_text() == (want / "errors.jsonl").read_text()
+    assert not list(got.rglob(".*.tmp"))
+
+
+def test_mixed_inputs_hold_what_the_comparisons_need(local):
+    items = list(LatentDataset(local))
+    errors = [json.loads(line) for line in (local / "errors.jsonl").read_text().splitlines()]
+    assert len(items) == 13 and {e.get("member") or e.get("row") or e["key"] for e in errors} == {
+        "broken.png", "000002", 1, 3}
+    assert sum(item["caption"] is not None for item in items) == 6  # a sidecar, three tar .txt, two rows
+
+
+def test_ray_engine_on_a_local_instance_equals_the_local_engine(model, inputs, local, tmp_path):
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        for actors, cpus in ((1, 1.0), (2, 0.5)):
+            out = tmp_path / f"ray{actors}"
+            counts = encode_dataset(inputs, str(model), out, SETTINGS, shard_size=3, engine="ray",
+                                    ray_actors=actors, ray_actor_cpus=cpus, runtime=Runtime(batch_size=2))
+            assert counts == {"encoded": 13, "failed": 4, "skipped": 0}
+            assert_same_dataset(out, local)
+        with pytest.raises(ValueError, match="leave no CPU"):
+            encode_dataset(inputs, str(model), tmp_path / "full", SETTINGS, engine="ray", ray_actors=2)
+    finally:
+        ray.shutdown()
+
+
+def test_ray_engine_on_a_two_node_cluster_equals_the_local_engine(model, inputs, local, tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        out = tmp_path / "cluster"
+        encode_dataset(inputs, str(model), out, SETTINGS, shard_size=3, engine="ray", ray_address=cluster.address,
+                       ray_actors=2, ray_actor_cpus=1.0)
+        assert_same_dataset(out, local)
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        # the cluster recorded itself as the one a bare ray.init() joins (as `ray start` does): forget it
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip() == cluster.address:
+            current.unlink()
+
+
+def _markers(out: Path) -> int:
+    folder = out / "metadata"
+    return len(list(folder.glob("[0-9]*.parquet"))) if folder.is_dir() else 0
+
+
+def _wait(condition, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert condition(), f"gave up waiting (driver exit status {proc.poll()})"
+
+
+def _actor_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "_EncodeShards"], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found if int(pid) != os.getpid()]
+
+
+def test_killed_worker_and_killed_driver_then_resume_give_the_local_dataset(model, inputs, tmp_path):
+    local = tmp_path / "local"
+    common = [*inputs, "--model", str(model), "--resolution", "128", "--shard-size", "1", "--max-pixels", "1000000"]
+    assert subprocess.run([sys.executable, "-m", "sdvae", "encode", *common, "--output", str(local)],
+                          capture_output=True).returncode == 1
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "sdvae", "encode", *common, "--output", str(out), "--engine", "ray",
+           "--ray-address", "local", "--batch-size", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    try:
+        _wait(lambda: _markers(out) >= 2 and _actor_pids(), proc)
+        for pid in _actor_pids():
+            os.kill(pid, signal.SIGKILL)  # Ray restarts the actor and retries its shard
+        killed_at = _markers(out)
+        _wait(lambda: _markers(out) >= killed_at + 3, proc)  # the run goes on after losing its worker
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _markers(out) < 17, "the driver should have been killed part way"
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert_same_dataset(out, local)
+
+
+def test_without_ray_the_engine_says_how_to_install_it(model, inputs, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from sdvae.cli import main; "
+            f"sys.exit(main(['encode', {inputs[0]!r}, '--model', {str(model)!r}, '--output', "
+            f"{str(tmp_path / 'out')!r}, '--engine', 'ray']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2 and "pip install 'sdvae[ray]'" in result.stderr
+    assert not (tmp_path / "out").exists()
