@@ -11,6 +11,7 @@ Usage: python bench/encode_dataset.py [N]   (N images, default 48)
 from __future__ import annotations
 
 import io
+import math
 import random
 import sys
 import tarfile
@@ -108,11 +109,12 @@ def main(n: int = 48) -> None:
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    for actors, cpus in ((1, 1.0), (2, 0.5)):
+    for actors, cpus in ((1, 1.5), (2, 0.75)):
         start = time.perf_counter()
         encode_dataset(inputs, str(ckpt), tmp / f"ray{actors}", settings, engine="ray", ray_actors=actors,
                        ray_actor_cpus=cpus, **common)
-        runs.append((f"ray, {actors} actor(s) of {cpus:g} CPU", time.perf_counter() - start))
+        runs.append((f"ray, {actors} actor(s) of {cpus:g} CPU ({math.ceil(cpus)} threads)",
+                     time.perf_counter() - start))
     ray.shutdown()
     print(f"{cpu_line(torch.get_num_threads())}; {n} JPEGs 512x384 in WebDataset tars -> {SIZE}x{SIZE}, "
           f"SD 1.5 encoder, float32, shards of {PER_TAR}")

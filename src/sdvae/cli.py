@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--ray-actors", type=int,
                         help="encoder actors (default: one per GPU in the cluster, else 1)")
     encode.add_argument("--ray-actor-cpus", type=float, default=1.0,
-                        help="CPUs each encoder actor reserves; on CPU-only clusters also its torch threads "
-                             "(default: %(default)s)")
+                        help="CPUs each encoder actor reserves, and its torch threads (rounded up); decoding "
+                             "tasks take 0.5 CPU each (default: %(default)s)")
     encode.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --output")
     encode.add_argument("--overwrite", action="store_true", help="replace latents already in --output")
     encode.set_defaults(run=_encode)

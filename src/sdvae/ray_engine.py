@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 from typing import Any
 
@@ -21,6 +22,10 @@ from .job import Job, Progress, Runtime, ShardEncoder, Settings, finish_job, pre
 from .storage import open_store
 
 log = logging.getLogger("sdvae")
+
+# CPUs a read-decode-crop task reserves: decoding takes ~1% of an image's encode time on a CPU, and on GPU
+# clusters two tasks a core keep the cores busy while one waits on storage.
+DECODE_CPUS = 0.5
 
 
 def import_ray():
@@ -59,9 +64,9 @@ class _EncodeShards:
         return out
 
 
-def _shard_pixel_bytes(job: Job) -> int:
-    """What a prepared shard holds: its images' RGB pixels, twice (the decoded arrays and their pickled copy)."""
-    return 2 * max(map(len, job.plan), default=1) * job.settings.resolution ** 2 * 3
+def _decode_task_bytes(job: Job) -> int:
+    """A decoding worker (Python with torch imported, ~250 MB) and its shard's pixels, twice (arrays and pickle)."""
+    return 256 * 2**20 + 2 * max(map(len, job.plan), default=1) * job.settings.resolution ** 2 * 3
 
 
 def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: int | None = None,
@@ -77,7 +82,7 @@ def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: i
     device = runtime.device or ("cuda" if gpus else "cpu")
     actors = actors or max(1, gpus)
     on_gpu = device.startswith("cuda")
-    if actors * actor_cpus + 1 > cpus:
+    if actors * actor_cpus + DECODE_CPUS > cpus:
         raise ValueError(f"{actors} actor(s) of {actor_cpus:g} CPU leave no CPU of the cluster's {cpus:g} for "
                          "reading and decoding images; lower --ray-actors or --ray-actor-cpus")
     log.info("ray: %d actor(s) on %s; the cluster has %g CPU(s), %d GPU(s)", actors, device, cpus, gpus)
@@ -88,14 +93,15 @@ def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: i
         if shards:
             pipeline = (
                 ray.data.from_items(shards, override_num_blocks=len(shards))
-                # reserving the prepared pixels' memory also keeps Ray from fusing this stage into the actors
-                .map(_prepare_row, fn_kwargs={"settings": job.settings}, num_cpus=1, memory=_shard_pixel_bytes(job))
+                # reserving the task's memory also keeps Ray from fusing this stage into the actors
+                .map(_prepare_row, fn_kwargs={"settings": job.settings}, num_cpus=DECODE_CPUS,
+                     memory=_decode_task_bytes(job))
                 .map_batches(_EncodeShards, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                              num_gpus=1 if on_gpu else 0, num_cpus=actor_cpus,
                              fn_constructor_args=(str(job.store), job.model_file, job.manifest["config"],
                                                   job.settings, Runtime(runtime.batch_size, device, runtime.tile_size,
                                                                         runtime.max_memory),
-                                                  job.settings_id, max(1, round(actor_cpus))))
+                                                  job.settings_id, max(1, math.ceil(actor_cpus))))
             )
             for result in pipeline.iter_rows():
                 index, rows, failed = int(result["shard"]), json.loads(result["rows"]), int(result["failed"])
