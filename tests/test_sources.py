@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -155,3 +156,18 @@ def test_a_changed_tar_member_is_encoded_again_on_resume(model, tmp_path):
     assert encode(tar, "--model", model, "--output", out, "--shard-size", "1", "--resume") == 0
     new = by_key(out)[f"{tar}/b"]["mean"]
     assert rel_err(new, old) > 1e-2
+
+
+def test_many_tars_are_listed_in_parallel_processes_with_the_serial_result(tmp_path, monkeypatch):
+    from sdvae import sources
+
+    for n in range(sources.PARALLEL_LISTING + 2):
+        write_tar(tmp_path / "wds" / f"{n:05d}.tar", [(f"{n}.png", b"x"), (f"{n}.txt", b"caption %d" % n)])
+    pools = []
+    monkeypatch.setattr(sources, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or ProcessPoolExecutor(*a, **k))
+    parallel = list_inputs([str(tmp_path / "wds")])
+    assert pools == [1]
+    monkeypatch.setattr(sources, "PARALLEL_LISTING", 10**9)
+    serial = list_inputs([str(tmp_path / "wds")])
+    assert parallel == serial and len(serial) == len(set(i.key for i in serial)) == 66
+    assert serial[65].caption == "caption 65"

@@ -8,11 +8,15 @@ member header for a tar member, the file's size and mtime for a Parquet row), so
 
 from __future__ import annotations
 
+import functools
 import itertools
+import multiprocessing
+import os
 import re
 import tarfile
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ LIST_SUFFIXES = {".txt", ".lst"}
 CAPTION_SUFFIXES = (".txt", ".caption")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "jpeg")
 CAPTION_COLUMNS = ("caption", "text", "txt")
+PARALLEL_LISTING = 64  # tars or Parquet files from which listing them takes a process pool
 INPUT_IDS = {
     "file": "file size and mtime_ns, and the caption",
     "tar": "member size and mtime from its tar header, and the caption",
@@ -179,7 +184,8 @@ def _parquet_items(name: str, path: Path, image_column: str | None, caption_colu
             for row, caption in enumerate(captions)]
 
 
-def _from_path(key: str, path: Path, image_column: str | None, caption_column: str | None) -> list[Item]:
+def _from_path(file: tuple[str, Path], image_column: str | None, caption_column: str | None) -> list[Item]:
+    key, path = file
     suffix = path.suffix.lower()
     if suffix == ".tar":
         return _tar_items(key, path)
@@ -195,24 +201,33 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
     An input is an image file, a folder (recursive: images, tars and Parquet files), a text file listing paths, a
     WebDataset `.tar`, a `.parquet` file, or a brace pattern of those. Keys: a folder's entries by their path
     relative to it, other files by the path as written; a tar member is `TAR/KEY`, a Parquet row `FILE/ROW`.
+    Many tars or Parquet files are read (headers and captions) in parallel processes.
     """
-    items: list[Item] = []
+    files: list[tuple[str, Path]] = []
     for spec in itertools.chain.from_iterable(map(expand_braces, inputs)):
         path = Path(spec)
         if path.is_dir():
             wanted = IMAGE_SUFFIXES | {".tar", ".parquet"}
-            for p in sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file()):
-                items += _from_path(p.relative_to(path).as_posix(), p, image_column, caption_column)
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
+            files += [(p.relative_to(path).as_posix(), p) for p in found]
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             for line in path.read_text().splitlines():
                 entry = line.strip()
                 if entry and not entry.startswith("#"):
-                    listed = Path(entry) if Path(entry).is_absolute() else path.parent / entry
-                    items += _from_path(entry, listed, image_column, caption_column)
+                    files.append((entry, Path(entry) if Path(entry).is_absolute() else path.parent / entry))
         elif path.exists():
-            items += _from_path(spec, path, image_column, caption_column)
+            files.append((spec, path))
         else:
             raise FileNotFoundError(f"{spec}: no such file or folder")
+    read = functools.partial(_from_path, image_column=image_column, caption_column=caption_column)
+    containers = sum(p.suffix.lower() in (".tar", ".parquet") for _, p in files)
+    processes = min(32, os.cpu_count() or 1)
+    if containers >= PARALLEL_LISTING and processes > 1:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            listed = list(pool.map(read, files, chunksize=max(1, len(files) // (8 * processes))))
+    else:
+        listed = list(map(read, files))
+    items = list(itertools.chain.from_iterable(listed))
     seen: dict[str, str] = {}
     for item in items:
         if item.key in seen:
