@@ -76,7 +76,8 @@ def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: i
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = False  # ours counts images across the cluster
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
     device = runtime.device or ("cuda" if gpus else "cpu")
