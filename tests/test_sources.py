@@ -171,3 +171,32 @@ def test_many_tars_are_listed_in_parallel_processes_with_the_serial_result(tmp_p
     serial = list_inputs([str(tmp_path / "wds")])
     assert parallel == serial and len(serial) == len(set(i.key for i in serial)) == 66
     assert serial[65].caption == "caption 65"
+
+
+def test_a_damaged_header_inside_a_tar_is_recorded_not_silently_dropped(model, tmp_path):
+    tar = write_tar(tmp_path / "d.tar", [(f"{n}.png", image_bytes(n)) for n in range(4)])
+    with tarfile.open(tar) as whole:
+        third = whole.getmember("2.png")
+    data = bytearray(tar.read_bytes())
+    data[third.offset:third.offset + 100] = b"\xff" * 100  # the third member's header
+    tar.write_bytes(bytes(data))
+    assert encode(tar, "--model", model, "--output", tmp_path / "out") == 1
+    assert sorted(by_key(tmp_path / "out")) == [f"{tar}/0", f"{tar}/1"]
+    [error] = errors(tmp_path / "out")
+    assert error["path"] == str(tar) and f"damaged tar header at byte {third.offset}" in error["error"]
+
+
+def test_img2dataset_folders_pass_over_metadata_parquet_and_name_nested_members(model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "out0" / "00000.tar", [("a/0001.png", image_bytes(1)), ("b/0001.png", b"broken"),
+                                                 ("b/0001.txt", b"nested caption")])
+    pq.write_table(pa.table({"key": ["0001"], "url": ["https://example.invalid"], "status": ["success"]}),
+                   tmp_path / "out0" / "00000.parquet")
+    assert encode(tmp_path / "out0", "--model", model, "--output", tmp_path / "ds") == 1
+    assert sorted(by_key(tmp_path / "ds")) == ["00000.tar/a/0001"]
+    [error] = errors(tmp_path / "ds")
+    assert (error["key"], error["member"]) == ("00000.tar/b/0001", "b/0001")
+    with pytest.raises(ValueError, match="cannot tell which column"):  # named on its own it is an error
+        list_inputs([str(tmp_path / "out0" / "00000.parquet")])

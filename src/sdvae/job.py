@@ -174,7 +174,7 @@ def _shards_to_do(store: LocalStore, plan: list[list[Item]]) -> list[int]:
     stale = 0
     for index in complete_shards(store):
         if index < len(plan):
-            stored = {(r["key"], r["input_id"]) for r in read_shard_rows(store, index) if not r["flipped"]}
+            stored = {(r["key"], r.get("input_id")) for r in read_shard_rows(store, index) if not r["flipped"]}
             stored |= {(e["key"], e.get("input_id")) for e in read_errors(store, [index])}
             if stored == {(item.key, item.input_id) for item in plan[index]}:
                 done.add(index)
@@ -209,11 +209,12 @@ def _buckets(resolution: int) -> list[tuple[int, int]]:
     return make_buckets(resolution)
 
 
-def prepare_shard(items: list[Item], settings: Settings) -> list[tuple[Item, Prepared | str]]:
-    """Read, decode, resize and crop a shard's images; each comes back as its pixels or the reason it failed."""
+def prepare_shard(items: list[Item], settings: Settings, base: str | None = None) -> list[tuple[Item, Prepared | str]]:
+    """Read, decode, resize and crop a shard's images (relative sources from `base`); each comes back as its
+    pixels or the reason it failed."""
     buckets = _buckets(settings.resolution) if settings.buckets else None
     out: list[tuple[Item, Prepared | str]] = []
-    for item, data in read_images(items):
+    for item, data in read_images(items, base):
         if isinstance(data, str):
             out.append((item, data))
             continue
@@ -302,13 +303,13 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if engine == "ray":
-        from .ray_engine import import_ray, run_ray
+        from .ray_engine import connect, run_ray
 
-        import_ray()  # before any work: a missing extra is a setup error
+        pool = connect(ray_address, ray_actors, ray_actor_cpus, runtime.device)  # setup errors before any write
     job = plan_job(inputs, model, output, settings, family=family, shard_size=shard_size, resume=resume,
                    overwrite=overwrite, image_column=image_column, caption_column=caption_column)
     if engine == "ray":
-        return run_ray(job, runtime, address=ray_address, actors=ray_actors, actor_cpus=ray_actor_cpus)
+        return run_ray(job, runtime, pool)
     return run_local(job, ShardEncoder(job.model_file, job.manifest["config"], job.settings, runtime), workers)
 
 

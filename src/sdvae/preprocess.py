@@ -43,7 +43,8 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Decode an image (a file, or its encoded bytes) as 8-bit RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled down.
+    """Decode an image (a file, or its encoded bytes) as 8-bit RGB: EXIF orientation applied, alpha composited
+    on white, 16-bit scaled down.
 
     Raises ImageError for unreadable, truncated, empty or oversized (decompression bomb) files.
     """

@@ -1,6 +1,6 @@
 """`sdvae encode --engine ray`: the planned shards as one Ray Data pipeline across a cluster.
 
-    shards to do (driver) -> read, decode, crop (CPU tasks) -> encode and write latents (actor pool) -> metadata (driver)
+    shards to do (driver) -> read, decode, crop (CPU tasks) -> encode, write latents (actors) -> metadata (driver)
 
 A row of the pipeline is one shard. Actors load the encoder once and write the shard's latents and error records
 under temporary names; the driver writes the shard's metadata part (its completion marker) when the actor's result
@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,9 +40,9 @@ def import_ray():
     return ray
 
 
-def _prepare_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """CPU task: read, decode and crop one shard's images."""
-    prepared = prepare_shard(pickle.loads(row["items"]), settings)
+def _prepare_row(row: dict[str, Any], settings: Settings, base: str) -> dict[str, Any]:
+    """CPU task: read, decode and crop one shard's images (relative paths are the driver's)."""
+    prepared = prepare_shard(pickle.loads(row["items"]), settings, base)
     return {"shard": row["shard"], "prepared": pickle.dumps(prepared, protocol=5)}
 
 
@@ -69,40 +72,58 @@ def _decode_task_bytes(job: Job) -> int:
     return 256 * 2**20 + 2 * max(map(len, job.plan), default=1) * job.settings.resolution ** 2 * 3
 
 
-def run_ray(job: Job, runtime: Runtime, *, address: str | None = None, actors: int | None = None,
-            actor_cpus: float = 1.0) -> dict[str, int]:
-    """Run the job's to-do shards on Ray (connecting to `address`, RAY_ADDRESS, or a new local instance)."""
+@dataclass(frozen=True)
+class Pool:
+    """The encoder actors a run asks of the cluster: how many, on which device, with how many CPUs each."""
+
+    actors: int
+    device: str
+    actor_cpus: float
+
+
+def connect(address: str | None, actors: int | None, actor_cpus: float, device: str | None) -> Pool:
+    """Join the cluster (`address`, else RAY_ADDRESS, else the one `ray start` made here, else a new local
+    instance) and check that the pool fits in it: before anything is written, since a pool that cannot be
+    placed would wait forever."""
     ray = import_ray()
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours counts images across the cluster
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images across the cluster
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
-    device = runtime.device or ("cuda" if gpus else "cpu")
+    device = device or ("cuda" if gpus else "cpu")
     actors = actors or max(1, gpus)
-    on_gpu = device.startswith("cuda")
+    if device.startswith("cuda") and actors > gpus:
+        raise ValueError(f"{actors} actor(s) on {device} need as many GPUs; the cluster has {gpus} "
+                         "(use --device cpu, or fewer --ray-actors)")
     if actors * actor_cpus + DECODE_CPUS > cpus:
         raise ValueError(f"{actors} actor(s) of {actor_cpus:g} CPU leave no CPU of the cluster's {cpus:g} for "
                          "reading and decoding images; lower --ray-actors or --ray-actor-cpus")
     log.info("ray: %d actor(s) on %s; the cluster has %g CPU(s), %d GPU(s)", actors, device, cpus, gpus)
+    return Pool(actors, device, actor_cpus)
+
+
+def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
+    """Run the job's to-do shards on the connected cluster; paths go to the workers absolute."""
+    ray = import_ray()
     progress = Progress(sum(len(job.plan[index]) for index in job.todo))
     counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - progress.total}
     shards = [{"shard": index, "items": pickle.dumps(job.plan[index])} for index in job.todo]
+    actor_runtime = Runtime(runtime.batch_size, pool.device, runtime.tile_size, runtime.max_memory)
     try:
         if shards:
             pipeline = (
                 ray.data.from_items(shards, override_num_blocks=len(shards))
                 # reserving the task's memory also keeps Ray from fusing this stage into the actors
-                .map(_prepare_row, fn_kwargs={"settings": job.settings}, num_cpus=DECODE_CPUS,
-                     memory=_decode_task_bytes(job))
-                .map_batches(_EncodeShards, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-                             num_gpus=1 if on_gpu else 0, num_cpus=actor_cpus,
-                             fn_constructor_args=(str(job.store), job.model_file, job.manifest["config"],
-                                                  job.settings, Runtime(runtime.batch_size, device, runtime.tile_size,
-                                                                        runtime.max_memory),
-                                                  job.settings_id, max(1, math.ceil(actor_cpus))))
+                .map(_prepare_row, fn_kwargs={"settings": job.settings, "base": os.getcwd()},
+                     num_cpus=DECODE_CPUS, memory=_decode_task_bytes(job))
+                .map_batches(_EncodeShards, batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                             num_gpus=1 if pool.device.startswith("cuda") else 0, num_cpus=pool.actor_cpus,
+                             fn_constructor_args=(str(Path(str(job.store)).resolve()),
+                                                  str(Path(job.model_file).resolve()), job.manifest["config"],
+                                                  job.settings, actor_runtime, job.settings_id,
+                                                  max(1, math.ceil(pool.actor_cpus))))
             )
             for result in pipeline.iter_rows():
                 index, rows, failed = int(result["shard"]), json.loads(result["rows"]), int(result["failed"])

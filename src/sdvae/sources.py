@@ -15,7 +15,7 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,8 @@ INPUT_IDS = {
 @dataclass(frozen=True)
 class Item:
     """One input image. `kind` is file, tar or parquet; `source` the file holding it; `member` the tar member's
-    data offset and size, or the Parquet row; `error` is set when listing already found it unreadable."""
+    data offset and size, or the Parquet row; `entry` the tar member's key; `error` is set when listing already
+    found it unreadable."""
 
     key: str
     source: str
@@ -46,13 +47,15 @@ class Item:
     input_id: str = ""
     member: tuple[int, int] | int | None = None
     column: str | None = None
+    entry: str | None = None
     error: str | None = None
 
     def record(self, error: str) -> dict[str, Any]:
         """This item's line in errors.jsonl."""
-        where = {"tar": "member", "parquet": "row"}.get(self.kind)
-        extra = {where: self.key.rsplit("/", 1)[-1] if where == "member" else self.member} if where else {}
-        return {"key": self.key, "path": self.source, **extra, "input_id": self.input_id, "error": error}
+        where = {"member": self.entry} if self.entry is not None else {}
+        if self.kind == "parquet" and self.member is not None:
+            where = {"row": self.member}
+        return {"key": self.key, "path": self.source, **where, "input_id": self.input_id, "error": error}
 
 
 def _identity(stat_part: str, caption: str | None) -> str:
@@ -110,6 +113,7 @@ def _tar_items(name: str, path: Path) -> list[Item]:
     """A WebDataset shard's images (in member order), each with the `.txt` caption of its key."""
     images: dict[str, tarfile.TarInfo] = {}
     captions: dict[str, bytes] = {}
+    broken = None
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
@@ -120,34 +124,50 @@ def _tar_items(name: str, path: Path) -> list[Item]:
                     images.setdefault(key, info)
                 elif ext in ("txt", "caption"):
                     captions[key] = tar.extractfile(info).read()
+            broken = _damage_after(path, tar.offset)
     except (tarfile.TarError, OSError, EOFError) as e:
-        if not images:
-            return [Item(name, str(path), kind="tar", error=f"cannot read the tar: {e}")]
-        # a truncated tar: its complete members still count; one cut short fails when read
+        broken = f"cannot read the tar: {e}"
+    # a truncated or damaged tar: the members before the damage still count; one cut short fails when read
     items = []
     size = path.stat().st_size
     for key, info in images.items():
         caption = captions[key].decode("utf-8", "replace").strip() if key in captions else None
-        item = Item(f"{name}/{key}", str(path), caption, "tar", _identity(f"{info.size}:{info.mtime}", caption),
-                    member=(info.offset_data, info.size))
-        if info.offset_data + info.size > size:
-            item = Item(**{**item.__dict__, "error": f"member {info.name} is cut short (truncated tar)"})
-        items.append(item)
+        cut = info.offset_data + info.size > size
+        items.append(Item(f"{name}/{key}", str(path), caption, "tar",
+                          _identity(f"{info.size}:{info.mtime}", caption), member=(info.offset_data, info.size),
+                          entry=key, error=f"member {info.name} is cut short (truncated tar)" if cut else None))
+    if broken is not None and not any(item.error for item in items):  # (a member cut short already says it)
+        items.append(Item(f"{name}/<unreadable after {len(images)} images>", str(path), kind="tar", error=broken))
     return items
+
+
+def _damage_after(path: Path, offset: int) -> str | None:
+    """Why the tar stops at `offset` before its end (tarfile stops quietly at a damaged header), or None."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        rest = f.read()
+    if rest.strip(b"\0"):
+        return f"damaged tar header at byte {offset}: the {len(rest)} bytes after it cannot be read"
+    return None
+
+
+def _holds_bytes(schema) -> Callable[[str], bool]:
+    """Whether a column of `schema` holds encoded images: binary, or a struct with a `bytes` field."""
+    import pyarrow as pa
+
+    def holds(name: str) -> bool:
+        kind = schema.field(name).type
+        return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+
+    return holds
 
 
 def parquet_columns(schema, path: Path, image_column: str | None,
                     caption_column: str | None) -> tuple[str, str | None]:
     """The image and caption columns: the ones asked for, else the first conventional name in the schema."""
-    import pyarrow as pa
-
     names = schema.names
-
-    def holds_bytes(name: str) -> bool:
-        kind = schema.field(name).type
-        return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-                or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
-
+    holds_bytes = _holds_bytes(schema)
     for wanted, what in ((image_column, "image"), (caption_column, "caption")):
         if wanted is not None and wanted not in names:
             raise ValueError(f"{path}: no {what} column {wanted!r}; its columns are {', '.join(names)}")
@@ -162,8 +182,12 @@ def parquet_columns(schema, path: Path, image_column: str | None,
     return image, caption
 
 
-def _parquet_items(name: str, path: Path, image_column: str | None, caption_column: str | None) -> list[Item]:
-    """A Parquet file's rows, each with the caption column's text; a file that cannot be read is one error."""
+def _parquet_items(name: str, path: Path, image_column: str | None, caption_column: str | None,
+                   in_folder: bool) -> list[Item]:
+    """A Parquet file's rows, each with the caption column's text; a file that cannot be read is one error.
+
+    In a folder, a Parquet file without a column of bytes is not an image table (img2dataset writes one of
+    metadata beside each tar) and is passed over; named on the command line, it is an error."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -171,6 +195,9 @@ def _parquet_items(name: str, path: Path, image_column: str | None, caption_colu
         handle = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         return [Item(name, str(path), kind="parquet", error=f"cannot read the Parquet file: {e}")]
+    schema = handle.schema_arrow
+    if in_folder and image_column is None and not any(map(_holds_bytes(schema), schema.names)):
+        return []
     image, caption_col = parquet_columns(handle.schema_arrow, path, image_column, caption_column)
     texts: list[Any] = [None] * handle.metadata.num_rows
     if caption_col:
@@ -184,13 +211,13 @@ def _parquet_items(name: str, path: Path, image_column: str | None, caption_colu
             for row, caption in enumerate(captions)]
 
 
-def _from_path(file: tuple[str, Path], image_column: str | None, caption_column: str | None) -> list[Item]:
-    key, path = file
+def _from_path(file: tuple[str, Path, bool], image_column: str | None, caption_column: str | None) -> list[Item]:
+    key, path, in_folder = file
     suffix = path.suffix.lower()
     if suffix == ".tar":
         return _tar_items(key, path)
     if suffix == ".parquet":
-        return _parquet_items(key, path, image_column, caption_column)
+        return _parquet_items(key, path, image_column, caption_column, in_folder)
     return [_file_item(key, path)]
 
 
@@ -203,24 +230,24 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
     relative to it, other files by the path as written; a tar member is `TAR/KEY`, a Parquet row `FILE/ROW`.
     Many tars or Parquet files are read (headers and captions) in parallel processes.
     """
-    files: list[tuple[str, Path]] = []
+    files: list[tuple[str, Path, bool]] = []
     for spec in itertools.chain.from_iterable(map(expand_braces, inputs)):
         path = Path(spec)
         if path.is_dir():
             wanted = IMAGE_SUFFIXES | {".tar", ".parquet"}
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
-            files += [(p.relative_to(path).as_posix(), p) for p in found]
+            files += [(p.relative_to(path).as_posix(), p, True) for p in found]
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             for line in path.read_text().splitlines():
                 entry = line.strip()
                 if entry and not entry.startswith("#"):
-                    files.append((entry, Path(entry) if Path(entry).is_absolute() else path.parent / entry))
+                    files.append((entry, Path(entry) if Path(entry).is_absolute() else path.parent / entry, False))
         elif path.exists():
-            files.append((spec, path))
+            files.append((spec, path, False))
         else:
             raise FileNotFoundError(f"{spec}: no such file or folder")
     read = functools.partial(_from_path, image_column=image_column, caption_column=caption_column)
-    containers = sum(p.suffix.lower() in (".tar", ".parquet") for _, p in files)
+    containers = sum(p.suffix.lower() in (".tar", ".parquet") for _, p, _ in files)
     processes = min(32, os.cpu_count() or 1)
     if containers >= PARALLEL_LISTING and processes > 1:
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -237,26 +264,29 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
     return items
 
 
-def read_images(items: list[Item]) -> Iterator[tuple[Item, bytes | str]]:
-    """Each item with its encoded image bytes, or (a str) the reason they cannot be read; in the order given."""
+def read_images(items: list[Item], base: str | None = None) -> Iterator[tuple[Item, bytes | str]]:
+    """Each item with its encoded image bytes, or (a str) the reason they cannot be read; in the order given.
+
+    Relative sources are taken from `base` (a Ray worker reads from the driver's working directory)."""
     parquet_cells: dict[str, dict[int, bytes | str]] = {}
     for item in items:
+        path = os.path.join(base, item.source) if base else item.source
         if item.error is not None:
             yield item, item.error
         elif item.kind == "parquet":
             if item.source not in parquet_cells:
                 rows = [i.member for i in items if i.source == item.source and i.kind == "parquet"]
-                parquet_cells[item.source] = _parquet_cells(item.source, item.column, rows)
+                parquet_cells[item.source] = _parquet_cells(path, item.column, rows)
             yield item, parquet_cells[item.source][item.member]
         else:
             try:
-                yield item, _read_file_part(item)
+                yield item, _read_file_part(path, item)
             except OSError as e:
                 yield item, f"{type(e).__name__}: {e}"
 
 
-def _read_file_part(item: Item) -> bytes | str:
-    with open(item.source, "rb") as f:
+def _read_file_part(path: str, item: Item) -> bytes | str:
+    with open(path, "rb") as f:
         if item.kind == "file":
             return f.read()
         offset, size = item.member
@@ -273,17 +303,21 @@ def _parquet_cells(path: str, column: str, rows: list[int]) -> dict[int, bytes |
     cells: dict[int, bytes | str] = {}
     try:
         handle = pq.ParquetFile(path)
-        start = 0
-        for group in range(handle.metadata.num_row_groups):
-            stop = start + handle.metadata.row_group(group).num_rows
-            inside = [r for r in wanted if start <= r < stop]
-            if inside:
-                values = handle.read_row_group(group, columns=[column]).column(0)
+    except Exception as e:  # pyarrow's own error types for a damaged file: its rows fail, the run goes on
+        return {r: f"cannot read row {r}: {e}" for r in wanted}
+    start = 0
+    for group in range(handle.metadata.num_row_groups):
+        stop = start + handle.metadata.row_group(group).num_rows
+        inside = [r for r in wanted if start <= r < stop]
+        if inside:
+            try:
+                values = handle.read_row_group(group, columns=[column]).column(0).to_pylist()
+            except Exception as e:  # a damaged row group fails its own rows only
+                cells.update((r, f"cannot read row {r}: {e}") for r in inside)
+            else:
                 for r in inside:
-                    cell = values[r - start].as_py()
+                    cell = values[r - start]
                     cell = cell.get("bytes") if isinstance(cell, dict) else cell
                     cells[r] = cell or f"row {r}: no image bytes in column {column!r}"
-            start = stop
-    except Exception as e:  # a damaged file or row group: its rows fail, the run goes on
-        return {r: cells.get(r, f"cannot read row {r}: {e}") for r in wanted}
+        start = stop
     return cells

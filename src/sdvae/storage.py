@@ -7,6 +7,7 @@ filesystem; an object store would be another class with these five methods, chos
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -23,7 +24,7 @@ class LocalStore:
         """Write `data` through a temporary name in the same folder, then rename: never half a file."""
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
