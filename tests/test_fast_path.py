@@ -76,3 +76,26 @@ def test_bfloat16_fast_path_is_as_close_to_float32_as_diffusers_bfloat16(family)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, want) <= 1.15 * rel_err(theirs, want)  # same precision class as diffusers
     assert rel_err(got, want) <= 3e-2
+
+
+def test_bfloat16_on_a_cpu_without_native_support_warns_once(monkeypatch):
+    import warnings
+
+    from sdvae import module
+
+    encoder = VaeEncoder(VaeConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8))
+    encoder = encoder.to(torch.bfloat16)
+    x = torch.rand(1, 3, 16, 16)
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: False)
+    module._warn_slow_bfloat16.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no native bfloat16"):
+        encoder(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder(x)  # once per process
+        encoder.float()(x)  # float32 never warns
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: True)
+    module._warn_slow_bfloat16.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.to(torch.bfloat16)(x)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +14,23 @@ from torch import nn
 
 from .config import VaeConfig
 from .weights import DropReport, convert_state_dict
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16, AMX-BF16, Arm BF16); None where it cannot tell."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", info) is not None
+
+
+@functools.cache
+def _warn_slow_bfloat16() -> None:
+    """Once per process: bfloat16 on this CPU is emulated, so slower than float32."""
+    warnings.warn("this CPU has no native bfloat16 (no AVX512_BF16 or AMX): bfloat16 runs emulated, slower than "
+                  "float32; use float32 here", RuntimeWarning, stacklevel=4)
 
 
 class VaeModule(nn.Module):
@@ -36,6 +56,8 @@ class VaeModule(nn.Module):
             raise ValueError(f"{what} of shape {list(x.shape)} is too small: H and W must be at least {min_size}")
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point {what}, got {x.dtype}")
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_has_native_bf16() is False:
+            _warn_slow_bfloat16()
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
 
     def _channels_last(self) -> None:
