@@ -83,9 +83,9 @@ def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def parse_args(sizes: list[int], worker_fields: int):
-    """The benchmark scripts' command line: --sizes, --threads, and the internal --worker call (which also sets
-    the worker's thread count)."""
+def parse_args(sizes: list[int], worker_fields: int, flags: tuple[str, ...] = ()):
+    """The benchmark scripts' command line: --sizes, --threads, on/off `flags`, and the internal --worker call
+    (which also sets the worker's thread count)."""
     import argparse
     import os
 
@@ -95,6 +95,8 @@ def parse_args(sizes: list[int], worker_fields: int):
     parser.add_argument("--sizes", type=int, nargs="+", default=sizes)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", nargs=worker_fields + 1, help=argparse.SUPPRESS)
+    for flag in flags:
+        parser.add_argument(flag, action="store_true")
     args = parser.parse_args()
     if args.worker:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -1,7 +1,9 @@
 """Large images: untiled sdvae, exact tiled sdvae (in memory and with scratch files) and diffusers' enable_tiling.
 
 Each row runs in a fresh process (clean peak readings) on the same random SD 1.5 weights and image, float32.
-Usage: python bench/tiling.py [--sizes 1024 2048 4096] [--threads 2]
+Usage: python bench/tiling.py [--sizes 1024 2048 4096] [--threads 2] [--narrow]
+  --narrow: a narrow config (channels 32-64, random weights from a fixed seed) whose untiled encode fits in memory
+  at 4096 px, so tiled-vs-untiled error is measured at that size too (sdvae rows only).
   peak: rise of resident memory during the encode, model loaded; err: relative L2 error of the mean against the
   untiled sdvae result, or against tiled sdvae where untiled does not fit in memory (tiled equals untiled to
   1e-5, tests/test_tiling.py). Rows whose estimated memory exceeds what is free are skipped.
@@ -21,13 +23,20 @@ TILE = 256
 KINDS = ("untiled", "tiled", "tiled-disk", "diffusers-tiling")
 
 
+def narrow_config():
+    from sdvae import VaeConfig
+
+    return VaeConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8)
+
+
 def worker(kind: str, size: int, weights: Path, out: Path) -> None:
     from safetensors.torch import load_file
 
-    from sdvae import VaeConfig, load_encoder
+    from sdvae import VaeConfig, VaeEncoder, load_encoder
     from sdvae.tiling import tiled_peak
 
-    config = VaeConfig.preset("sd15")
+    narrow = str(weights) == "narrow"
+    config = narrow_config() if narrow else VaeConfig.preset("sd15")
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     if kind == "diffusers-tiling":
         from diffusers import AutoencoderKL
@@ -37,7 +46,11 @@ def worker(kind: str, size: int, weights: Path, out: Path) -> None:
         vae.eval().enable_tiling()
         run = lambda: vae.encode(x).latent_dist.mean  # noqa: E731
     else:
-        enc = load_encoder(weights, family="sd15")
+        if narrow:
+            torch.manual_seed(0)
+            enc = VaeEncoder(config).eval()
+        else:
+            enc = load_encoder(weights, family="sd15")
         options = {"untiled": {"max_memory": 2**62}, "tiled": {"tile_size": TILE, "max_memory": 2**62},
                    "tiled-disk": {"tile_size": TILE,
                                   "max_memory": tiled_peak(config, tuple(x.shape), x.dtype, TILE, True)}}[kind]
@@ -48,11 +61,11 @@ def worker(kind: str, size: int, weights: Path, out: Path) -> None:
     out.write_text(json.dumps({"seconds": seconds, "peak_mib": peak}))
 
 
-def fits(kind: str, size: int) -> bool:
+def fits(kind: str, size: int, narrow: bool) -> bool:
     from sdvae import VaeConfig
     from sdvae.tiling import available_memory, tiled_peak, untiled_peak
 
-    config, shape = VaeConfig.preset("sd15"), (1, 3, size, size)
+    config, shape = narrow_config() if narrow else VaeConfig.preset("sd15"), (1, 3, size, size)
     need = {"untiled": untiled_peak(config, shape, torch.float32),
             "tiled": tiled_peak(config, shape, torch.float32, TILE, False),
             "tiled-disk": tiled_peak(config, shape, torch.float32, TILE, True),
@@ -61,20 +74,23 @@ def fits(kind: str, size: int) -> bool:
 
 
 def main() -> None:
-    args = parse_args([1024, 2048, 4096], worker_fields=3)
+    args = parse_args([1024, 2048, 4096], worker_fields=3, flags=("--narrow",))
     if args.worker:
         kind, size, weights, out = args.worker
         return worker(kind, int(size), Path(weights), Path(out))
 
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
-    weights = random_sd15_weights(tmp)
-    print(f"{cpu_line(args.threads)}, torch {torch.__version__}, SD 1.5 encoder, random weights, float32, "
+    narrow = args.narrow
+    weights = "narrow" if narrow else random_sd15_weights(tmp)
+    kinds = KINDS[:3] if narrow else KINDS
+    model = "narrow encoder (channels 32-64)" if narrow else "SD 1.5 encoder"
+    print(f"{cpu_line(args.threads)}, torch {torch.__version__}, {model}, random weights, float32, "
           f"tiles of {TILE} px")
     print("| size | impl | time s | peak MiB | err vs reference |\n|---|---|---|---|---|")
     for size in args.sizes:
         results = {}
-        for kind in KINDS:
-            if not fits(kind, size):
+        for kind in kinds:
+            if not fits(kind, size, narrow):
                 print(f"| {size} | {kind} | skipped: does not fit in memory | | |")
                 continue
             result = run_worker(HERE, [kind, str(size), str(weights)], tmp / f"{kind}-{size}.json", args.threads)

@@ -313,21 +313,36 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     return run_local(job, ShardEncoder(job.model_file, job.manifest["config"], job.settings, runtime), workers)
 
 
+class Tally:
+    """A run's counts and progress bar: `done` as each shard's marker lands, `close` at the end (which also
+    gathers errors.jsonl and the manifest's totals)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.progress = Progress(sum(len(job.plan[index]) for index in job.todo))
+        self.counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - self.progress.total}
+
+    def done(self, index: int, failed: int) -> None:
+        self.counts["encoded"] += len(self.job.plan[index]) - failed
+        self.counts["failed"] += failed
+
+    def close(self) -> None:
+        self.progress.close()
+        finish_job(self.job)
+
+
 def run_local(job: Job, shard_encoder: ShardEncoder, workers: int) -> dict[str, int]:
     """The local engine: prepare (inline or in worker processes), encode and write the to-do shards in order."""
-    progress = Progress(sum(len(job.plan[index]) for index in job.todo))
-    counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - progress.total}
+    tally = Tally(job)
     prepared = _prepared_shards(job, workers)
     try:
         for index, shard in zip(job.todo, prepared):
-            tensors, rows, errors = shard_encoder(shard, progress.update)
-            progress.update(len(errors), failed=len(errors))
+            tensors, rows, errors = shard_encoder(shard, tally.progress.update)
+            tally.progress.update(len(errors), failed=len(errors))
             write_shard_data(job.store, index, tensors, errors, job.settings_id)
             write_shard_marker(job.store, index, rows, job.settings_id)
-            counts["encoded"] += len(shard) - len(errors)
-            counts["failed"] += len(errors)
+            tally.done(index, len(errors))
     finally:
-        progress.close()
         prepared.close()
-        finish_job(job)
-    return counts
+        tally.close()
+    return tally.counts

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .dataset import write_shard_data, write_shard_marker
-from .job import Job, Progress, Runtime, ShardEncoder, Settings, finish_job, prepare_shard
+from .job import Job, Runtime, ShardEncoder, Settings, Tally, prepare_shard
 from .storage import open_store
 
 log = logging.getLogger("sdvae")
@@ -107,8 +107,7 @@ def connect(address: str | None, actors: int | None, actor_cpus: float, device: 
 def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
     """Run the job's to-do shards on the connected cluster; paths go to the workers absolute."""
     ray = import_ray()
-    progress = Progress(sum(len(job.plan[index]) for index in job.todo))
-    counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - progress.total}
+    tally = Tally(job)
     shards = [{"shard": index, "items": pickle.dumps(job.plan[index])} for index in job.todo]
     actor_runtime = Runtime(runtime.batch_size, pool.device, runtime.tile_size, runtime.max_memory)
     try:
@@ -128,11 +127,8 @@ def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
             for result in pipeline.iter_rows():
                 index, rows, failed = int(result["shard"]), json.loads(result["rows"]), int(result["failed"])
                 write_shard_marker(job.store, index, rows, job.settings_id)
-                encoded = len(job.plan[index]) - failed
-                progress.update(encoded + failed, failed=failed)
-                counts["encoded"] += encoded
-                counts["failed"] += failed
+                tally.progress.update(len(job.plan[index]), failed=failed)
+                tally.done(index, failed)
     finally:
-        progress.close()
-        finish_job(job)
-    return counts
+        tally.close()
+    return tally.counts
