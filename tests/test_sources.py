@@ -115,6 +115,9 @@ def test_folders_take_tars_and_parquet_files_with_keys_relative_to_the_folder(mo
     assert "wds/00000.tar/000000" in keys and "table.parquet/0" in keys and "folder/img0.png" in keys
     assert len(keys) == len(set(keys)) == len([i for spec in inputs for i in list_inputs([spec])])
     assert next(i for i in items if i.key == "folder/img1.png").caption == "a sidecar caption"
+    (tmp_path / "folder" / "img0.caption").write_text("the other sidecar name")
+    assert next(i for i in list_inputs([str(tmp_path)]) if i.key == "folder/img0.png").caption == \
+        "the other sidecar name"
 
 
 def test_resume_encodes_changed_added_and_removed_inputs_again_and_keeps_the_rest(model, tmp_path):

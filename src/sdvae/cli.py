@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--workers", type=int,
                         help="processes decoding images while the model runs; 0 decodes inline (default: 0 when the "
                              "model runs on the CPU, where it needs every core, else up to 4)")
-    encode.add_argument("--shard-size", type=int, help="images per shard (default: about 256 MB of latents)")
+    encode.add_argument("--shard-size", type=int, help="images per shard (default: about 64 MB of latents)")
     encode.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="larger images are refused as decompression bombs (default: %(default)s)")
     encode.add_argument("--tile-size", type=int,
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the memory free on the device)")
     encode.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="run here, or on a Ray cluster (pip install 'sdvae[ray]') (default: %(default)s)")
-    encode.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
+    encode.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else the one `ray start` made here, else a new "
+                        "local instance)")
     encode.add_argument("--ray-actors", type=int,
                         help="encoder actors (default: one per GPU in the cluster, else 1)")
     encode.add_argument("--ray-actor-cpus", type=float, default=1.0,

@@ -233,6 +233,8 @@ class ShardEncoder:
     def __init__(self, model_file: str, config: dict[str, Any], settings: Settings, runtime: Runtime):
         self.settings, self.runtime = settings, runtime
         device = runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and settings.dtype == "float32":
+            torch.backends.cudnn.allow_tf32 = False  # cuDNN's default TF32 convs would put float32 latents ~1e-3 off
         self.encoder = load_encoder(model_file, config=config, device=device,
                                     dtype=getattr(torch, settings.dtype))
         self.store_dtype = STORE_DTYPES[settings.store_dtype]

@@ -109,7 +109,8 @@ def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
     ray = import_ray()
     tally = Tally(job)
     shards = [{"shard": index, "items": pickle.dumps(job.plan[index])} for index in job.todo]
-    actor_runtime = Runtime(runtime.batch_size, pool.device, runtime.tile_size, runtime.max_memory)
+    device = "cuda" if pool.device.startswith("cuda") else pool.device  # an actor sees only its own GPU
+    actor_runtime = Runtime(runtime.batch_size, device, runtime.tile_size, runtime.max_memory)
     try:
         if shards:
             pipeline = (
@@ -119,7 +120,7 @@ def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
                      num_cpus=DECODE_CPUS, memory=_decode_task_bytes(job))
                 .map_batches(_EncodeShards, batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool.actors),
                              num_gpus=1 if pool.device.startswith("cuda") else 0, num_cpus=pool.actor_cpus,
-                             fn_constructor_args=(str(Path(str(job.store)).resolve()),
+                             fn_constructor_args=(job.store.location,
                                                   str(Path(job.model_file).resolve()), job.manifest["config"],
                                                   job.settings, actor_runtime, job.settings_id,
                                                   max(1, math.ceil(pool.actor_cpus))))

@@ -1,7 +1,7 @@
 """The one place the encode engines touch the output directory: whole-file writes, reads, listings, removals.
 
 Names are `/`-separated paths relative to the dataset root. `LocalStore` serves a local or shared (mounted)
-filesystem; an object store would be another class with these five methods, chosen in `open_store`.
+filesystem; an object store would be another class with these methods and a `location`, chosen in `open_store`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return str(self.root)
+
+    @property
+    def location(self) -> str:
+        """Where other processes and nodes open this store (`open_store(location)`): the absolute path."""
+        return str(self.root.resolve())
 
     def write(self, name: str, data: bytes) -> None:
         """Write `data` through a temporary name in the same folder, then rename: never half a file."""
