@@ -99,3 +99,18 @@ def test_bfloat16_on_a_cpu_without_native_support_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encoder.to(torch.bfloat16)(x)
+
+
+def test_inference_runs_resnets_and_downsamples_by_row_bands_into_their_outputs():
+    """Row bands (sdvae.bands) are what keep two full-size maps instead of four: no conv sees a whole map of the
+    first block, and convs write into their outputs through oneDNN's fused sum."""
+    import sdvae.bands
+
+    enc = VaeEncoder(SMALL).eval().requires_grad_(False)
+    height, width = 96, sdvae.bands.BAND_PIXELS // 16  # bands of 16 rows
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        enc(random_images(1, height, width))
+    conv_heights = [e.input_shapes[1][2] for e in prof.events() if e.name == "mkldnn::_convolution_pointwise_"]
+    assert conv_heights and 16 + 2 in conv_heights and max(conv_heights) < height  # bands with their halo rows
+    plain = [e.input_shapes[0] for e in prof.events() if e.name == "aten::convolution"]
+    assert all(shape[1] == 3 or shape[2] <= height // 4 for shape in plain), plain  # conv_in; conv_out, quant_conv

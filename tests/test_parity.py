@@ -95,3 +95,26 @@ def test_group_norm_statistics_hold_on_large_offset_maps():
     want = torch.nn.functional.group_norm(x.double(), 32, eps=1e-6)
     got = group_norm(norm, x.contiguous(memory_format=torch.channels_last))
     assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["sd15", "cogview"])
+@pytest.mark.parametrize("band_pixels", [1, 150])  # one row per band; bands of a few rows that do not divide H
+@pytest.mark.parametrize("batch", [1, 2])
+def test_resnets_by_row_bands_match_diffusers(family, band_pixels, batch, monkeypatch):
+    """Inference runs each resnet by row bands (sdvae.bands): halos, band edges and the in-place residual."""
+    import sdvae.bands
+
+    monkeypatch.setattr(sdvae.bands, "BAND_PIXELS", band_pixels)
+    config = VaeConfig.preset(family).replace(norm_num_groups=8, block_out_channels=(16, 32, 32, 32))
+    ref = reference_vae(config, dtype=torch.float64)
+    enc, dec = VaeEncoder(config).double(), VaeDecoder(config).double()
+    enc.load_hf_state_dict(ref.state_dict())
+    dec.load_hf_state_dict(ref.state_dict())
+    x = random_images(batch, 37, 50, dtype=torch.float64)
+    z = torch.randn(batch, config.latent_channels, 5, 3, generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        ref, enc, dec = ref.to(dtype), enc.to(dtype), dec.to(dtype)
+        with torch.no_grad():
+            assert rel_err(enc(x.to(dtype)), ref.encode(x.to(dtype)).latent_dist.parameters) <= TOLERANCE[dtype]
+            assert rel_err(dec(z.to(dtype)), ref.decode(z.to(dtype)).sample) <= TOLERANCE[dtype]

@@ -18,20 +18,35 @@ STATS_CHUNK = 1024  # pixels per chunk of the squared-deviation pass (stays in c
 def group_stats(x: torch.Tensor, groups: int) -> Stats:
     """(count, mean, M2) per sample and group of `x` `[B, C, H, W]`, in float64.
 
-    Per channel first, in two passes: the mean (accumulated in float32 or wider, stored in the map's dtype), then
-    the squared deviations from it over cache-sized chunks, summed in float32 (float64 for float64 maps). The
-    channels of each group are then merged exactly in float64.
+    Per channel first (`channel_stats`), then the channels of each group merged exactly in float64.
     """
     b, c, h, w = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    values = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for channels-last x (a band of full rows)
-    mean = values.mean(1, keepdim=True)
-    m2 = torch.stack([(chunk - mean).square_().sum(1, dtype=acc) for chunk in values.split(STATS_CHUNK, dim=1)]).sum(0)
-    channel_mean = mean[:, 0].double().view(b, groups, -1)
+    mean, m2 = channel_stats(x)
+    channel_mean = mean.double().view(b, groups, -1)
     group_mean = channel_mean.mean(-1)
     spread = (channel_mean - group_mean[..., None]).square().sum(-1)
     group_m2 = m2.double().view(b, groups, -1).sum(-1) + h * w * spread
     return torch.full_like(group_mean, h * w * (c // groups)), group_mean, group_m2
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and M2 (sum of squared deviations) per sample and channel of `x` `[B, C, H, W]`: `[B, C]` each.
+
+    float32/float64 maps: two passes, the mean, then the squared deviations from it over cache-sized chunks.
+    float16/bfloat16 maps: PyTorch's batch-norm statistics (one read, float32 accumulation, float32 results),
+    per sample: several times faster than converting the map to float32 first, and precise far beyond the map's
+    own resolution (relative 5e-5 on the variance of a map with mean 5, std 3).
+    """
+    b, c, h, w = x.shape
+    if x.dtype in (torch.float16, torch.bfloat16):
+        one = torch.ones(c, device=x.device)  # float32 affine parameters select the float32 statistics
+        stats = [torch.native_batch_norm(x[i:i + 1], one, one, None, None, True, 0.0, 0.0)[1:] for i in range(b)]
+        mean = torch.stack([m for m, _ in stats])
+        return mean, torch.stack([invstd for _, invstd in stats]).pow(-2) * (h * w)
+    values = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for channels-last x (a band of full rows)
+    mean = values.mean(1, keepdim=True)
+    m2 = torch.stack([(chunk - mean).square_().sum(1) for chunk in values.split(STATS_CHUNK, dim=1)]).sum(0)
+    return mean[:, 0], m2
 
 
 def merge_stats(a: Stats, b: Stats) -> Stats:

@@ -6,13 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import groupnorm
+from . import bands, groupnorm
 
 GROUP_NORM_EPS = 1e-6
 
 
 def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels, eps=GROUP_NORM_EPS)
+
+
+def recording(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd records this call: then only out-of-place ops, else the fast in-place ones."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -25,7 +30,11 @@ def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> tor
 
 
 class ResnetBlock(nn.Module):
-    """`shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`; the shortcut is a 1x1 conv when widths differ."""
+    """`shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`; the shortcut is a 1x1 conv when widths differ.
+
+    In inference (autograd not recording) it runs by row bands (`sdvae.bands`) and, when the widths match, its
+    output overwrites `x`: the encoder and decoder never read a block's input again.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -36,10 +45,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One statement per step so each intermediate is freed as soon as the next one exists.
-        h = self.conv1(norm_silu(self.norm1, x))
-        h = self.conv2(norm_silu(self.norm2, h, inplace=True))
-        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+        if not recording(self, x):
+            return bands.resnet(self, x)
+        h = self.conv2(norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x))))
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Attention(nn.Module):
@@ -85,6 +94,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not recording(self, x):
+            return bands.downsample(self.conv, x)
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 

@@ -6,8 +6,9 @@ statistics over the whole image, merged exactly across tiles (Chan's parallel fo
 applied, with its SiLU, to each conv input tile before the zero padding; the attention runs over blocks of rows
 (queries) and of tokens (keys) with an online softmax, so no N x N matrix is held. A resnet block keeps two
 full-size activations (its input, which receives the output in place, and the middle one), in memory or in
-scratch files (`sdvae.activations`), instead of the untiled path's three or four. `plan_tiling` chooses between
-untiled, tiled in memory and tiled on disk from a memory budget. See ../shared/TILING.md for the background.
+scratch files (`sdvae.activations`), as the untiled path does (`sdvae.bands`): tiles in memory bound the
+temporaries of very wide images, tiles on disk bound everything. `plan_tiling` chooses between untiled, tiled in
+memory and tiled on disk from a memory budget. See ../shared/TILING.md for the background.
 """
 
 from __future__ import annotations
@@ -221,8 +222,11 @@ def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dty
 
 
 def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Estimated activation memory of the untiled encoder (about four first-block activations, measured)."""
-    return 4 * activation_bytes(config, shape, dtype)
+    """Estimated activation memory of the untiled encoder: two and a half first-block activations (a resnet by
+    row bands holds two, `sdvae.bands`; measured 2.3-2.4), and the attention's queries, keys, values and output."""
+    b, _, h, w = shape
+    tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
+    return int(2.5 * activation_bytes(config, shape, dtype)) + 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
 
 
 def tiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, tile: int, on_disk: bool) -> int:

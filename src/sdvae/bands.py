@@ -1,0 +1,95 @@
+"""The inference path of a resnet block: convs over bands of rows, so only two full-size maps are ever held.
+
+Run whole, `x + conv2(silu(norm2(conv1(silu(norm1(x))))))` holds x, its normalized copy, conv1's output and
+conv2's output: four maps the size of x. Here each conv runs one band of output rows of one sample at a time,
+reading a small buffer that holds its normalized input rows (one halo row above and below, zeros at the image's
+edges) and writing straight into its output map; conv2 adds into x in place. So x and conv1's output are the only
+full-size maps, and each buffer is still in cache when the conv reads it. The GroupNorms use whole-map statistics
+(`sdvae.groupnorm`): the result equals the whole-map computation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .groupnorm import affine, group_stats, merge_stats, normalize
+
+BAND_PIXELS = 16384  # output pixels per band: large enough for full-speed convs, small enough for the cache
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def band_spans(height: int, width: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of about BAND_PIXELS pixels each."""
+    rows = max(1, BAND_PIXELS // width)
+    return [(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+
+def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
+    """`out = conv(x)`, or `out += conv(x)` with `add`, the conv padding only the columns (x holds any row halo).
+
+    On the CPU the result goes straight into `out` inside oneDNN's convolution (its fused sum): no output to
+    allocate and copy, no separate pass for the residual add, and a half-precision sum rounded once, not twice.
+    """
+    padding = (0, conv.padding[1])
+    if x.device.type == "cpu" and x.dtype in FUSED_DTYPES and torch.backends.mkldnn.is_available():
+        if not add:
+            out.zero_()
+        torch.ops.mkldnn._convolution_pointwise_.binary(out, x, conv.weight, conv.bias, padding, conv.stride,
+                                                        conv.dilation, conv.groups, "add", 1.0, None, [], None)
+    elif add:
+        out += F.conv2d(x, conv.weight, conv.bias, conv.stride, padding)
+    else:
+        out.copy_(F.conv2d(x, conv.weight, conv.bias, conv.stride, padding))
+
+
+def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`block(x)` for a `ResnetBlock` in inference; the result overwrites `x` when the block keeps the width."""
+    b, c, h, w = x.shape
+    spans = [(i, r0, r1) for i in range(b) for r0, r1 in band_spans(h, w)]
+    rows = spans[0][2] - spans[0][1]
+    new = dict(dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    scratch = torch.empty((rows + 2) * w * max(c, block.conv2.in_channels), dtype=x.dtype, device=x.device)
+
+    def norm_conv(conv: nn.Conv2d, source: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
+                  i: int, r0: int, r1: int, add: bool) -> None:
+        """Rows [r0, r1) of sample i of `conv(silu(source * scale + shift))` into `out` (a 3x3 conv, padding 1)."""
+        top, bottom = max(r0 - 1, 0), min(r1 + 1, h)
+        channels, length = source.shape[1], r1 - r0 + 2
+        band = scratch[:length * w * channels].view(1, length, w, channels).permute(0, 3, 1, 2)  # channels-last
+        band[:, :, :top - (r0 - 1)].zero_()
+        normalize(source[i:i + 1, :, top:bottom], scale[i:i + 1], shift[i:i + 1], silu=True,
+                  out=band[:, :, top - (r0 - 1):bottom - (r0 - 1)])
+        band[:, :, bottom - (r0 - 1):].zero_()
+        conv_into(conv, band, out[i:i + 1, :, r0:r1], add)
+
+    mid = torch.empty(b, block.conv1.out_channels, h, w, **new)
+    scale, shift = affine(block.norm1, group_stats(x, block.norm1.num_groups), x.dtype)
+    stats = [None] * b
+    for i, r0, r1 in spans:
+        norm_conv(block.conv1, x, scale, shift, mid, i, r0, r1, add=False)
+        band = group_stats(mid[i:i + 1, :, r0:r1], block.norm2.num_groups)  # while the band is in cache
+        stats[i] = band if stats[i] is None else merge_stats(stats[i], band)
+    scale, shift = affine(block.norm2, tuple(torch.cat(parts) for parts in zip(*stats)), x.dtype)
+    out = x if block.conv_shortcut is None else torch.empty(b, block.conv2.out_channels, h, w, **new)
+    for i, r0, r1 in spans:
+        if block.conv_shortcut is not None:
+            conv_into(block.conv_shortcut, x[i:i + 1, :, r0:r1], out[i:i + 1, :, r0:r1], add=False)
+        norm_conv(block.conv2, mid, scale, shift, out, i, r0, r1, add=True)
+    return out
+
+
+def downsample(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(pad(x, right 1, bottom 1))` for the stride-2 3x3 Downsample conv, by bands of output rows: each band's
+    input rows are copied into a small buffer with the zero column and row, not the whole map into a padded copy."""
+    b, c, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    out = torch.empty(b, conv.out_channels, ho, wo, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    for i in range(b):
+        for o0, o1 in band_spans(ho, wo):
+            r0, r1 = 2 * o0, min(2 * o1 + 1, h)  # input rows read; row h (when 2 * o1 + 1 > h) is the zero pad
+            band = x.new_zeros(1, c, 2 * (o1 - o0) + 1, w + 1).contiguous(memory_format=torch.channels_last)
+            band[:, :, :r1 - r0, :w] = x[i:i + 1, :, r0:r1]
+            conv_into(conv, band, out[i:i + 1, :, o0:o1], add=False)
+    return out
