@@ -68,12 +68,11 @@ def conv_floor(weights: Path, size: int, reps: int) -> float:
     """Seconds for the encoder's convolutions alone (channels-last float32) at `size` px."""
     from sdvae import load_encoder
 
-    enc = load_encoder(weights, family="sd15")
+    enc = load_encoder(weights, family="sd15").requires_grad_(True)  # autograd on: whole maps, no row bands
     calls = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: calls.append((m, a[0].clone())))
+    hooks = [m.register_forward_pre_hook(lambda m, a: calls.append((m, a[0].detach().clone())))
              for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        enc(torch.zeros(1, 3, size, size))
+    enc(torch.zeros(1, 3, size, size))
     for h in hooks:
         h.remove()
     best = float("inf")

@@ -10,11 +10,13 @@ full-size maps, and each buffer is still in cache when the conv reads it. The Gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groupnorm import affine, group_stats, merge_stats, normalize
+from .groupnorm import group_stats, merge_stats, norm_silu_rows
 
 BAND_PIXELS = 16384  # output pixels per band: large enough for full-speed convs, small enough for the cache
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,31 +54,30 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     new = dict(dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     scratch = torch.empty((rows + 2) * w * max(c, block.conv2.in_channels), dtype=x.dtype, device=x.device)
 
-    def norm_conv(conv: nn.Conv2d, source: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
-                  i: int, r0: int, r1: int, add: bool) -> None:
-        """Rows [r0, r1) of sample i of `conv(silu(source * scale + shift))` into `out` (a 3x3 conv, padding 1)."""
+    def norm_conv(conv: nn.Conv2d, source: torch.Tensor, norm: Callable, out: torch.Tensor, i: int, r0: int,
+                  r1: int, add: bool) -> None:
+        """Rows [r0, r1) of sample i of `conv(norm(source))` into `out` (a 3x3 conv, padding 1)."""
         top, bottom = max(r0 - 1, 0), min(r1 + 1, h)
         channels, length = source.shape[1], r1 - r0 + 2
         band = scratch[:length * w * channels].view(1, length, w, channels).permute(0, 3, 1, 2)  # channels-last
         band[:, :, :top - (r0 - 1)].zero_()
-        normalize(source[i:i + 1, :, top:bottom], scale[i:i + 1], shift[i:i + 1], silu=True,
-                  out=band[:, :, top - (r0 - 1):bottom - (r0 - 1)])
+        norm(i, source[i:i + 1, :, top:bottom], band[:, :, top - (r0 - 1):bottom - (r0 - 1)])
         band[:, :, bottom - (r0 - 1):].zero_()
         conv_into(conv, band, out[i:i + 1, :, r0:r1], add)
 
     mid = torch.empty(b, block.conv1.out_channels, h, w, **new)
-    scale, shift = affine(block.norm1, group_stats(x, block.norm1.num_groups), x.dtype)
+    norm = norm_silu_rows(block.norm1, group_stats(x, block.norm1.num_groups), x.dtype)
     stats = [None] * b
     for i, r0, r1 in spans:
-        norm_conv(block.conv1, x, scale, shift, mid, i, r0, r1, add=False)
+        norm_conv(block.conv1, x, norm, mid, i, r0, r1, add=False)
         band = group_stats(mid[i:i + 1, :, r0:r1], block.norm2.num_groups)  # while the band is in cache
         stats[i] = band if stats[i] is None else merge_stats(stats[i], band)
-    scale, shift = affine(block.norm2, tuple(torch.cat(parts) for parts in zip(*stats)), x.dtype)
+    norm = norm_silu_rows(block.norm2, tuple(torch.cat(parts) for parts in zip(*stats)), x.dtype)
     out = x if block.conv_shortcut is None else torch.empty(b, block.conv2.out_channels, h, w, **new)
     for i, r0, r1 in spans:
         if block.conv_shortcut is not None:
             conv_into(block.conv_shortcut, x[i:i + 1, :, r0:r1], out[i:i + 1, :, r0:r1], add=False)
-        norm_conv(block.conv2, mid, scale, shift, out, i, r0, r1, add=True)
+        norm_conv(block.conv2, mid, norm, out, i, r0, r1, add=True)
     return out
 
 

@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the memory free on the device)")
     encode.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="run here, or on a Ray cluster (pip install 'sdvae[ray]') (default: %(default)s)")
-    encode.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else the one `ray start` made here, else a new "
-                        "local instance)")
+    encode.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else the one `ray start` "
+                        "made here, else a new local instance)")
     encode.add_argument("--ray-actors", type=int,
                         help="encoder actors (default: one per GPU in the cluster, else 1)")
     encode.add_argument("--ray-actor-cpus", type=float, default=1.0,

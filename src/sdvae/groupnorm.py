@@ -7,6 +7,8 @@ against ~1e-7 for the contiguous kernel): the statistics here are two-pass per c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,31 @@ def affine(norm: nn.GroupNorm, stats: Stats, dtype: torch.dtype) -> tuple[torch.
     scale = rstd * norm.weight.double()
     shift = norm.bias.double() - mean.repeat_interleave(per_group, dim=1) * scale
     return scale.to(dtype)[:, :, None, None], shift.to(dtype)[:, :, None, None]
+
+
+def norm_silu_rows(norm: nn.GroupNorm, stats: Stats, dtype: torch.dtype
+                   ) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`apply(i, rows, out)`: SiLU(GroupNorm(rows)) of sample i's `rows` into `out`, with whole-map `stats`.
+
+    float32/float64: `rows * scale + shift` in the map's dtype. float16/bfloat16: PyTorch's batch-norm inference
+    kernel fed the group statistics per channel, which computes in float32 and rounds once; `scale` and `shift`
+    rounded to half precision would put an error of about |mean| / std ulps on every value.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        scale, shift = affine(norm, stats, dtype)
+        return lambda i, rows, out: normalize(rows, scale[i:i + 1], shift[i:i + 1], silu=True, out=out)
+    count, mean, m2 = stats
+    per_group = norm.num_channels // norm.num_groups
+    means = mean.float().repeat_interleave(per_group, dim=1)
+    variances = (m2 / count).float().repeat_interleave(per_group, dim=1)
+    weight, bias = norm.weight.float(), norm.bias.float()
+
+    def apply(i: int, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        torch.ops.aten.native_batch_norm.out(rows, weight, bias, means[i], variances[i], False, 0.0, norm.eps,
+                                             out=out, save_mean=torch.empty(0), save_invstd=torch.empty(0))
+        return F.silu(out, inplace=True)
+
+    return apply
 
 
 def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool,

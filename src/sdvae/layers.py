@@ -32,8 +32,9 @@ def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> tor
 class ResnetBlock(nn.Module):
     """`shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`; the shortcut is a 1x1 conv when widths differ.
 
-    In inference (autograd not recording) it runs by row bands (`sdvae.bands`) and, when the widths match, its
-    output overwrites `x`: the encoder and decoder never read a block's input again.
+    In inference on the CPU (autograd not recording) it runs by row bands (`sdvae.bands`) and, when the widths
+    match, its output overwrites `x`: the encoder and decoder never read a block's input again. On GPUs, whole
+    maps keep the kernels large.
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
@@ -45,10 +46,12 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not recording(self, x):
+        if x.device.type == "cpu" and not recording(self, x):
             return bands.resnet(self, x)
-        h = self.conv2(norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x))))
-        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+        # Whole maps (GPUs, autograd): one statement per step frees each intermediate once the next exists.
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h, inplace=True))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Attention(nn.Module):
@@ -94,7 +97,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not recording(self, x):
+        if x.device.type == "cpu" and not recording(self, x):
             return bands.downsample(self.conv, x)
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 

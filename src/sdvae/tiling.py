@@ -221,12 +221,16 @@ def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dty
     return b * config.block_out_channels[0] * h * w * dtype.itemsize
 
 
-def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Estimated activation memory of the untiled encoder: two and a half first-block activations (a resnet by
-    row bands holds two, `sdvae.bands`; measured 2.3-2.4), and the attention's queries, keys, values and output."""
+def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")) -> int:
+    """Estimated activation memory of the untiled encoder: on the CPU two and a half first-block activations (a
+    resnet by row bands holds two, `sdvae.bands`; measured 2.3-2.4), elsewhere four (whole maps); plus the
+    attention's queries, keys, values and output."""
     b, _, h, w = shape
     tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
-    return int(2.5 * activation_bytes(config, shape, dtype)) + 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
+    maps = 2.5 if device.type == "cpu" else 4
+    attention = 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
+    return int(maps * activation_bytes(config, shape, dtype)) + attention
 
 
 def tiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, tile: int, on_disk: bool) -> int:
@@ -250,7 +254,7 @@ def plan_tiling(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, d
     when nothing fits.
     """
     budget = parse_memory(max_memory) if max_memory is not None else available_memory(device)
-    need = untiled_peak(config, shape, dtype)
+    need = untiled_peak(config, shape, dtype, device)
     if tile_size is None and need <= budget:
         return None
     tiles = [tile_size] if tile_size is not None else [t for t in (256, 128, 64, 32) if t <= max(256, *shape[2:])]
