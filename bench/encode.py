@@ -54,10 +54,14 @@ def build(kind: str, weights: Path, dtype: torch.dtype):
         import openvino as ov
 
         class Params(torch.nn.Module):
-            def forward(self, x):
-                return ref.quant_conv(ref.encoder(x))
+            def __init__(self):
+                super().__init__()
+                self.vae = ref
 
-        model = ov.convert_model(Params().float(), example_input=torch.zeros(1, 3, 64, 64))
+            def forward(self, x):
+                return self.vae.quant_conv(self.vae.encoder(x))
+
+        model = ov.convert_model(Params().float().requires_grad_(False), example_input=torch.zeros(1, 3, 64, 64))
         hint = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"}
         compiled = ov.Core().compile_model(model, "CPU", hint)
         return lambda x: torch.from_numpy(compiled(x.float().numpy())[0]).chunk(2, dim=1)[0]

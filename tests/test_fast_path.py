@@ -62,8 +62,13 @@ def test_gradients_still_flow_through_the_encoder():
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("band_pixels", [None, 300])  # default bands; bands of two rows at 128 px
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
-def test_bfloat16_fast_path_is_as_close_to_float32_as_diffusers_bfloat16(family):
+def test_bfloat16_fast_path_is_as_close_to_float32_as_diffusers_bfloat16(family, band_pixels, monkeypatch):
+    import sdvae.bands
+
+    if band_pixels is not None:
+        monkeypatch.setattr(sdvae.bands, "BAND_PIXELS", band_pixels)
     config = VaeConfig.preset(family)
     ref = reference_vae(config, seed=4)
     enc = VaeEncoder(config)

@@ -83,14 +83,20 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def downsample(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """`conv(pad(x, right 1, bottom 1))` for the stride-2 3x3 Downsample conv, by bands of output rows: each band's
-    input rows are copied into a small buffer with the zero column and row, not the whole map into a padded copy."""
+    input rows are copied into one reused buffer with the zero column (and row), not the whole map into a padded
+    copy."""
     b, c, h, w = x.shape
     ho, wo = h // 2, w // 2
     out = torch.empty(b, conv.out_channels, ho, wo, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    spans = band_spans(ho, w)  # each reads about 2 x BAND_PIXELS input pixels
+    rows = 2 * (spans[0][1] - spans[0][0]) + 1
+    scratch = x.new_empty(1, c, rows, w + 1).contiguous(memory_format=torch.channels_last)
+    scratch[:, :, :, w:].zero_()
     for i in range(b):
-        for o0, o1 in band_spans(ho, wo):
+        for o0, o1 in spans:
             r0, r1 = 2 * o0, min(2 * o1 + 1, h)  # input rows read; row h (when 2 * o1 + 1 > h) is the zero pad
-            band = x.new_zeros(1, c, 2 * (o1 - o0) + 1, w + 1).contiguous(memory_format=torch.channels_last)
+            band = scratch[:, :, :2 * (o1 - o0) + 1]
             band[:, :, :r1 - r0, :w] = x[i:i + 1, :, r0:r1]
+            band[:, :, r1 - r0:].zero_()
             conv_into(conv, band, out[i:i + 1, :, o0:o1], add=False)
     return out
