@@ -10,13 +10,13 @@ full-size maps, and each buffer is still in cache when the conv reads it. The Gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groupnorm import group_stats, merge_stats, norm_silu_rows
+from .groupnorm import Stats, group_stats, merge_stats, norm_silu_rows
 
 BAND_PIXELS = 16384  # output pixels per band: large enough for full-speed convs, small enough for the cache
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -46,6 +46,15 @@ def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) ->
         out.copy_(F.conv2d(x, conv.weight, conv.bias, conv.stride, padding))
 
 
+def band_stats(bands: Iterable[tuple[int, torch.Tensor]], batch: int, groups: int) -> Stats:
+    """Whole-map GroupNorm statistics from (sample, band of rows) pairs, merged exactly per sample."""
+    per_sample: list[Stats | None] = [None] * batch
+    for i, band in bands:
+        stats = group_stats(band, groups)
+        per_sample[i] = stats if per_sample[i] is None else merge_stats(per_sample[i], stats)
+    return tuple(torch.cat(parts) for parts in zip(*per_sample))
+
+
 def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`block(x)` for a `ResnetBlock` in inference; the result overwrites `x` when the block keeps the width."""
     b, c, h, w = x.shape
@@ -65,14 +74,15 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         band[:, :, bottom - (r0 - 1):].zero_()
         conv_into(conv, band, out[i:i + 1, :, r0:r1], add)
 
+    def conv1_bands() -> Iterator[tuple[int, torch.Tensor]]:
+        for i, r0, r1 in spans:
+            norm_conv(block.conv1, x, norm, mid, i, r0, r1, add=False)
+            yield i, mid[i:i + 1, :, r0:r1]  # its statistics are taken while it is in cache
+
     mid = torch.empty(b, block.conv1.out_channels, h, w, **new)
-    norm = norm_silu_rows(block.norm1, group_stats(x, block.norm1.num_groups), x.dtype)
-    stats = [None] * b
-    for i, r0, r1 in spans:
-        norm_conv(block.conv1, x, norm, mid, i, r0, r1, add=False)
-        band = group_stats(mid[i:i + 1, :, r0:r1], block.norm2.num_groups)  # while the band is in cache
-        stats[i] = band if stats[i] is None else merge_stats(stats[i], band)
-    norm = norm_silu_rows(block.norm2, tuple(torch.cat(parts) for parts in zip(*stats)), x.dtype)
+    x_bands = ((i, x[i:i + 1, :, r0:r1]) for i, r0, r1 in spans)
+    norm = norm_silu_rows(block.norm1, band_stats(x_bands, b, block.norm1.num_groups), x.dtype)
+    norm = norm_silu_rows(block.norm2, band_stats(conv1_bands(), b, block.norm2.num_groups), x.dtype)
     out = x if block.conv_shortcut is None else torch.empty(b, block.conv2.out_channels, h, w, **new)
     for i, r0, r1 in spans:
         if block.conv_shortcut is not None:
