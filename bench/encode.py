@@ -69,16 +69,22 @@ def build(kind: str, weights: Path, dtype: torch.dtype):
 
 
 def conv_floor(weights: Path, size: int, reps: int) -> float:
-    """Seconds for the encoder's convolutions alone (channels-last float32) at `size` px."""
+    """Seconds for the encoder's convolutions alone (channels-last float32, each on its whole map) at `size` px."""
+    import copy
+
     from sdvae import load_encoder
 
-    enc = load_encoder(weights, family="sd15").requires_grad_(True)  # autograd on: whole maps, no row bands
-    calls = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: calls.append((m, a[0].detach().clone())))
-             for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
-    enc(torch.zeros(1, 3, size, size))
+    enc = load_encoder(weights, family="sd15")
+    meta = copy.deepcopy(enc).to("meta")  # off the CPU the encoder runs whole maps: each conv's full input shape
+    shapes = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: shapes.append((name, a[0].shape)))
+             for name, m in meta.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        meta.quant_conv(meta.encoder(torch.empty(1, 3, size, size, device="meta")))
     for h in hooks:
         h.remove()
+    convs = dict(enc.named_modules())
+    calls = [(convs[name], torch.randn(shape).contiguous(memory_format=torch.channels_last)) for name, shape in shapes]
     best = float("inf")
     with torch.no_grad():
         for _ in range(reps):
@@ -128,20 +134,22 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         floor = measure("floor", size, "float32", weights, tmp, args.threads)
+        floor_s = floor["seconds"] if isinstance(floor, dict) else float("nan")
         base = None
         for dtype in dtypes:
             results = {k: measure(k, size, dtype, weights, tmp, args.threads) for k in kinds if k != "floor"}
             base = base if base is not None else results["diffusers"]
             for kind, r in results.items():
                 if isinstance(r, str):
-                    print(f"| {size} | {dtype} | {kind} | failed: {r} | | | | | |")
+                    print(f"| {size} | {dtype} | {kind} | failed: {r.splitlines()[-1]} | | | | | |")
                     continue
                 ref = results["diffusers"]
                 err = rel_err(r["mean"], base["mean"])
                 print(f"| {size} | {dtype} | {kind} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | "
-                      f"{r['seconds'] / ref['seconds']:.2f} | {r['seconds'] / floor['seconds']:.2f} | "
+                      f"{r['seconds'] / ref['seconds']:.2f} | {r['seconds'] / floor_s:.2f} | "
                       f"{r['peak_mib'] / max(ref['peak_mib'], 1):.2f} | {err:.1e} |")
-        print(f"| {size} | float32 | conv floor | {floor['seconds']:.2f} | | | 1.00 | | |")
+        shown = f"{floor_s:.2f}" if isinstance(floor, dict) else f"failed: {floor.splitlines()[-1]}"
+        print(f"| {size} | float32 | conv floor | {shown} | | | 1.00 | | |")
 
 
 if __name__ == "__main__":
