@@ -74,20 +74,20 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         band[:, :, bottom - (r0 - 1):].zero_()
         conv_into(conv, band, out[i:i + 1, :, r0:r1], add)
 
-    def conv1_bands() -> Iterator[tuple[int, torch.Tensor]]:
+    def conv1_bands(norm1: Callable) -> Iterator[tuple[int, torch.Tensor]]:
         for i, r0, r1 in spans:
-            norm_conv(block.conv1, x, norm, mid, i, r0, r1, add=False)
+            norm_conv(block.conv1, x, norm1, mid, i, r0, r1, add=False)
             yield i, mid[i:i + 1, :, r0:r1]  # its statistics are taken while it is in cache
 
-    mid = torch.empty(b, block.conv1.out_channels, h, w, **new)
     x_bands = ((i, x[i:i + 1, :, r0:r1]) for i, r0, r1 in spans)
-    norm = norm_silu_rows(block.norm1, band_stats(x_bands, b, block.norm1.num_groups), x.dtype)
-    norm = norm_silu_rows(block.norm2, band_stats(conv1_bands(), b, block.norm2.num_groups), x.dtype)
+    norm1 = norm_silu_rows(block.norm1, band_stats(x_bands, b, block.norm1.num_groups), x.dtype)
+    mid = torch.empty(b, block.conv1.out_channels, h, w, **new)
+    norm2 = norm_silu_rows(block.norm2, band_stats(conv1_bands(norm1), b, block.norm2.num_groups), x.dtype)
     out = x if block.conv_shortcut is None else torch.empty(b, block.conv2.out_channels, h, w, **new)
     for i, r0, r1 in spans:
         if block.conv_shortcut is not None:
             conv_into(block.conv_shortcut, x[i:i + 1, :, r0:r1], out[i:i + 1, :, r0:r1], add=False)
-        norm_conv(block.conv2, mid, norm, out, i, r0, r1, add=True)
+        norm_conv(block.conv2, mid, norm2, out, i, r0, r1, add=True)
     return out
 
 

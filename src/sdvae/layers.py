@@ -15,9 +15,11 @@ def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels, eps=GROUP_NORM_EPS)
 
 
-def recording(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether autograd records this call: then only out-of-place ops, else the fast in-place ones."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+def by_bands(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module(x)` takes the row-band path of `sdvae.bands`: on the CPU, when autograd does not record it
+    (row bands write in place; GPUs keep whole maps, where kernels stay large)."""
+    recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    return x.device.type == "cpu" and not recording
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -46,7 +48,7 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and not recording(self, x):
+        if by_bands(self, x):
             return bands.resnet(self, x)
         # Whole maps (GPUs, autograd): one statement per step frees each intermediate once the next exists.
         h = self.conv1(norm_silu(self.norm1, x))
@@ -97,7 +99,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and not recording(self, x):
+        if by_bands(self, x):
             return bands.downsample(self.conv, x)
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
