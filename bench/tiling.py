@@ -1,4 +1,8 @@
-"""Large images: untiled sdvae, exact tiled sdvae (in memory and with scratch files) and diffusers' enable_tiling.
+"""Large images: untiled sdvae, exact tiled sdvae and diffusers' enable_tiling.
+
+Tiled sdvae runs three ways: `tiled` keeps every stage's activations in memory, `tiled-disk` is given the memory
+its plan with scratch files needs, `tiled-recompute` the memory its plan with recomputed stages needs (scratch
+files forbidden); the planner then keeps in memory what fits.
 
 Each row runs in a fresh process (clean peak readings) on the same random SD 1.5 weights and image, float32.
 Usage: python bench/tiling.py [--sizes 1024 2048 4096] [--threads 2] [--narrow]
@@ -12,6 +16,7 @@ Usage: python bench/tiling.py [--sizes 1024 2048 4096] [--threads 2] [--narrow]
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from common import cpu_line, parse_args, random_sd15_weights, rel_err, run_worke
 
 HERE = Path(__file__).resolve()
 TILE = 256
-KINDS = ("untiled", "tiled", "tiled-disk", "diffusers-tiling")
+KINDS = ("untiled", "tiled", "tiled-disk", "tiled-recompute", "diffusers-tiling")
 
 
 def narrow_config():
@@ -33,7 +38,6 @@ def worker(kind: str, size: int, weights: Path, out: Path) -> None:
     from safetensors.torch import load_file
 
     from sdvae import VaeConfig, VaeEncoder, load_encoder
-    from sdvae.tiling import tiled_peak
 
     narrow = str(weights) == "narrow"
     config = narrow_config() if narrow else VaeConfig.preset("sd15")
@@ -51,9 +55,10 @@ def worker(kind: str, size: int, weights: Path, out: Path) -> None:
             enc = VaeEncoder(config).eval()
         else:
             enc = load_encoder(weights, family="sd15")
-        options = {"untiled": {"max_memory": 2**62}, "tiled": {"tile_size": TILE, "max_memory": 2**62},
-                   "tiled-disk": {"tile_size": TILE,
-                                  "max_memory": tiled_peak(config, tuple(x.shape), x.dtype, TILE, True)}}[kind]
+        if kind == "tiled-recompute":
+            os.environ["SDVAE_SCRATCH"] = "none"
+        options = {"max_memory": 2**62} if kind == "untiled" else {"tile_size": TILE, "max_memory": need(kind, size,
+                                                                                                        narrow)}
         run = lambda: enc.encode(x, **options).mean  # noqa: E731
     with torch.no_grad():
         seconds, peak, mean = timed(run, 1)
@@ -61,16 +66,26 @@ def worker(kind: str, size: int, weights: Path, out: Path) -> None:
     out.write_text(json.dumps({"seconds": seconds, "peak_mib": peak}))
 
 
-def fits(kind: str, size: int, narrow: bool) -> bool:
+def need(kind: str, size: int, narrow: bool) -> int:
+    """Estimated peak of `kind`; diffusers' tiling is counted as the plan with scratch files (tiles and output)."""
     from sdvae import VaeConfig
-    from sdvae.tiling import available_memory, tiled_peak, untiled_peak
+    from sdvae.encoder import Encoder
+    from sdvae.planning import tiled_peak, untiled_peak
+    from sdvae.tiling import TilePlan
 
     config, shape = narrow_config() if narrow else VaeConfig.preset("sd15"), (1, 3, size, size)
-    need = {"untiled": untiled_peak(config, shape, torch.float32),
-            "tiled": tiled_peak(config, shape, torch.float32, TILE, False),
-            "tiled-disk": tiled_peak(config, shape, torch.float32, TILE, True),
-            "diffusers-tiling": tiled_peak(config, shape, torch.float32, TILE, True)}[kind]  # tiles and output
-    return need < 0.8 * available_memory(torch.device("cpu"))
+    if kind == "untiled":
+        return untiled_peak(config, shape, torch.float32)
+    with torch.device("meta"):
+        encoder = Encoder(config)
+    where = {"tiled": "memory", "tiled-recompute": "recompute"}.get(kind, "files")
+    return tiled_peak(encoder, shape, torch.float32, TilePlan(TILE, (where,) * (len(config.block_out_channels) + 1)))[0]
+
+
+def fits(kind: str, size: int, narrow: bool) -> bool:
+    from sdvae.planning import available_memory
+
+    return need(kind, size, narrow) < 0.8 * available_memory(torch.device("cpu"))
 
 
 def main() -> None:
@@ -82,7 +97,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
     narrow = args.narrow
     weights = "narrow" if narrow else random_sd15_weights(tmp)
-    kinds = KINDS[:3] if narrow else KINDS
+    kinds = KINDS[:4] if narrow else KINDS
     model = "narrow encoder (channels 32-64)" if narrow else "SD 1.5 encoder"
     print(f"{cpu_line(args.threads)}, torch {torch.__version__}, {model}, random weights, float32, "
           f"tiles of {TILE} px")
@@ -98,7 +113,7 @@ def main() -> None:
                 print(f"| {size} | {kind} | failed: {result} | | |")
                 continue
             results[kind] = result
-        reference = results.get("untiled") or results.get("tiled") or results.get("tiled-disk")
+        reference = next(results[k] for k in KINDS if k in results)
         for kind, r in results.items():
             err = rel_err(r["mean"], reference["mean"])
             print(f"| {size} | {kind} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {err:.1e} |", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -37,6 +39,36 @@ def test_tiled_equals_untiled(encoder, dtype, tile_size):
     assert got.mean.shape == want.mean.shape
     assert rel_err(got.mean, want.mean) <= TOLERANCE[dtype]
     assert rel_err(got.logvar, want.logvar) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tile, stores", [(16, "rrrrr"), (40, "rrrrr"), (24, "rfmmr"), (24, "ffffm")])
+def test_recomputed_and_scratch_file_stages_equal_untiled(encoder, dtype, tile, stores, tmp_path, monkeypatch):
+    """Stages recomputed tile by tile from their kept inputs, or kept in scratch files, change nothing."""
+    monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path))
+    enc = encoder.to(dtype)
+    x = random_images(2, 75, 53, dtype=dtype)
+    where = {"m": "memory", "f": "files", "r": "recompute"}
+    plan = sdvae.tiling.TilePlan(tile, tuple(where[s] for s in stores[:len(enc.config.block_out_channels) + 1]))
+    with torch.no_grad():
+        want = enc(x)
+        got = sdvae.tiling.tiled_params(enc.encoder, enc.quant_conv, x, plan)
+    assert rel_err(got, want) <= TOLERANCE[dtype]
+    assert not list(tmp_path.iterdir())  # scratch files are unlinked at once
+
+
+def test_recomputed_stages_keep_only_what_must_be_whole(encoder):
+    """A recomputed stage keeps its last output and the attention's input; a stored one keeps every output."""
+    from sdvae.tiling import encoder_nodes, schedule
+
+    nodes = encoder_nodes(encoder.encoder)
+    stages = len(encoder.config.block_out_channels) + 1
+    kept = {p.target for p in schedule(nodes, ("recompute",) * stages) if p.store}
+    last = {node.stage: k for k, node in enumerate(nodes)}
+    attention = {k for k, node in enumerate(nodes) if node.attention is not None}
+    assert kept == set(last.values()) | attention | {k - 1 for k in attention}
+    stored = schedule(nodes, ("memory",) * stages)
+    assert {p.target for p in stored if p.store} == set(range(len(nodes)))
 
 
 def test_pooled_tile_variances_would_fail_the_same_test(encoder, monkeypatch):
@@ -79,12 +111,14 @@ def test_blocked_online_softmax_attention_equals_full_attention(block):
             p.normal_(0, 0.3)
         x = torch.randn(2, 64, 5, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         want = attention(x.clone())
-        got = sdvae.tiling.tiled_attention(attention, RamActivation(x.clone()), tile=2, block=block).tensor
+        got = RamActivation(x.clone())
+        sdvae.tiling.tiled_attention(attention, got, sdvae.tiling.whole_map_stats(got, 8, tile=2), block=block)
+    got = got.tensor
     assert rel_err(got, want) <= 1e-12
 
 
 def test_memory_sizes_parse_and_bad_ones_are_named():
-    from sdvae.tiling import parse_memory
+    from sdvae.planning import parse_memory
 
     assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("1.5 GB") == 1_500_000_000
     assert parse_memory(4096) == 4096 and parse_memory("800m") == 800_000_000
@@ -94,21 +128,47 @@ def test_memory_sizes_parse_and_bad_ones_are_named():
 
 
 def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, caplog):
-    from sdvae.tiling import tiled_peak, untiled_peak
+    from sdvae.planning import tiled_peak, untiled_peak
 
     enc = encoder.to(torch.float32)
     x = random_images(1, 96, 80)
-    shape = tuple(x.shape)
-    budget = (untiled_peak(enc.config, shape, x.dtype) + tiled_peak(enc.config, shape, x.dtype, 32, True)) // 2
-    assert tiled_peak(enc.config, shape, x.dtype, 32, True) < budget < untiled_peak(enc.config, shape, x.dtype)
+    shape, stages = tuple(x.shape), len(enc.config.block_out_channels) + 1
+    tiled, _ = tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiling.TilePlan(32, ("memory",) * stages))
+    budget = (untiled_peak(enc.config, shape, x.dtype) + tiled) // 2
+    assert tiled < budget < untiled_peak(enc.config, shape, x.dtype)
     with torch.no_grad():
         want = enc(x)
         with caplog.at_level("INFO", logger="sdvae"):
             got = enc(x, max_memory=budget)
-    assert "exact tiles" in caplog.text
+    assert "exact tiles" in caplog.text and "stages 0, 1, 2, 3, 4 in memory" in caplog.text
     assert rel_err(got, want) <= 1e-5
-    with pytest.raises(MemoryError, match="even in tiles with scratch files"):
+    with pytest.raises(MemoryError, match="even in tiles with the activations recomputed"):
         enc(x, max_memory="1KiB")
+
+
+@pytest.mark.parametrize("scratch", ["folder", "none", "full"])
+def test_over_the_budget_stages_go_to_scratch_files_or_are_recomputed_exactly(encoder, scratch, caplog, tmp_path,
+                                                                              monkeypatch):
+    """Scratch files where the folder has room and they are allowed, else recomputed stages; the same result."""
+    from sdvae.planning import tiled_peak
+
+    enc = encoder.to(torch.float64)
+    x = random_images(1, 96, 80, dtype=torch.float64)
+    shape, stages = tuple(x.shape), len(enc.config.block_out_channels) + 1
+    peak = {where: tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiling.TilePlan(16, (where,) * stages))[0]
+            for where in ("memory", "files", "recompute")}
+    assert peak["files"] <= peak["recompute"] < peak["memory"]
+    monkeypatch.setenv("SDVAE_SCRATCH", "none" if scratch == "none" else str(tmp_path))
+    if scratch == "full":
+        monkeypatch.setattr("sdvae.planning.shutil.disk_usage", lambda folder: SimpleNamespace(free=1000))
+    with torch.no_grad():
+        want = enc(x)
+        with caplog.at_level("INFO", logger="sdvae"):
+            got = enc(x, tile_size=16, max_memory=peak["recompute"])
+    assert ("in scratch files" if scratch == "folder" else "recomputed") in caplog.text
+    assert ("in scratch files" in caplog.text) == (scratch == "folder")
+    assert rel_err(got, want) <= 1e-12
+    assert not list(tmp_path.iterdir())  # scratch files are unlinked at once
 
 
 def test_scratch_file_activation_reads_back_what_was_written():
@@ -123,21 +183,3 @@ def test_scratch_file_activation_reads_back_what_was_written():
         want = t.to(dtype).clone()
         want[:, :, 1:3, 0:4] = 0
         assert torch.equal(store.read(slice(None), slice(None)), want)
-
-
-def test_over_the_memory_budget_activations_go_to_scratch_files_exactly(encoder, caplog, tmp_path, monkeypatch):
-    from sdvae.tiling import tiled_peak
-
-    monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path))
-    enc = encoder.to(torch.float64)
-    x = random_images(2, 75, 53, dtype=torch.float64)
-    shape = tuple(x.shape)
-    on_disk, in_memory = (tiled_peak(enc.config, shape, x.dtype, 16, disk) for disk in (True, False))
-    assert on_disk < in_memory
-    with torch.no_grad():
-        want = enc(x)
-        with caplog.at_level("INFO", logger="sdvae"):
-            got = enc(x, tile_size=16, max_memory=(on_disk + in_memory) // 2)
-    assert "scratch files" in caplog.text
-    assert rel_err(got, want) <= 1e-12
-    assert not list(tmp_path.iterdir())  # scratch files are unlinked at once

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--tile-size", type=int,
                         help="encode in exact tiles of this many pixels: same latents, less memory")
     encode.add_argument("--max-memory",
-                        help="activation memory budget, e.g. 4GiB; larger images are encoded in exact tiles "
-                             "(default: the memory free on the device)")
+                        help="activation memory budget, e.g. 4GiB; larger images are encoded in exact tiles, "
+                             "with scratch files in $SDVAE_SCRATCH or recomputed stages (SDVAE_SCRATCH=none) "
+                             "where tiles alone do not fit (default: the memory free on the device)")
     encode.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="run here, or on a Ray cluster (pip install 'sdvae[ray]') (default: %(default)s)")
     encode.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else the one `ray start` "

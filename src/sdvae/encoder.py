@@ -12,7 +12,8 @@ from .distribution import DiagonalGaussian
 from .layers import DownBlock, MidBlock, group_norm, norm_silu
 from .module import VaeModule
 from .scaling import scale_latents
-from .tiling import plan_tiling, tiled_params
+from .planning import plan_tiling
+from .tiling import TilePlan, tiled_params
 
 
 class Encoder(nn.Module):
@@ -50,9 +51,9 @@ class VaeEncoder(VaeModule):
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
         self._channels_last()
 
-    def _params(self, x: torch.Tensor, plan: tuple[int, bool] | None = None) -> torch.Tensor:
+    def _params(self, x: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
         if plan is not None:
-            return tiled_params(self.encoder, self.quant_conv, x, *plan)
+            return tiled_params(self.encoder, self.quant_conv, x, plan)
         h = self.encoder(x)
         return h if self.quant_conv is None else self.quant_conv(h)
 
@@ -63,12 +64,12 @@ class VaeEncoder(VaeModule):
         `tile_size` (pixels) runs the exact tiled encoder: the same result in less memory (see `sdvae.tiling`).
         Without it, an input whose activations would not fit `max_memory` (bytes or "2GiB"; default: the memory
         free on the device) is encoded in tiles, with a log line saying so; where even that would not fit, the
-        full-size activations go to scratch files.
+        full-size activations of the largest stages go to scratch files, or are recomputed (`sdvae.planning`).
         """
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
         if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
             raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size!r}")
-        plan = plan_tiling(self.config, tuple(x.shape), x.dtype, x.device, tile_size, max_memory)
+        plan = plan_tiling(self.encoder, self.config, tuple(x.shape), x.dtype, x.device, tile_size, max_memory)
         return self._guarded(lambda t: self._params(t, plan), x,
                              {"tile_size": tile_size, "max_memory": max_memory}).contiguous()
 

@@ -1,39 +1,163 @@
 """Exact tiled encoding: the encoder run tile by tile, equal to the untiled encoder (no seams).
 
-Everything in the encoder is local except its GroupNorms and the mid-block attention. Each conv is computed one
-output tile at a time from its input with the halo it needs; each GroupNorm gets per-sample, per-group
-statistics over the whole image, merged exactly across tiles (Chan's parallel formula, in float64), and is
-applied, with its SiLU, to each conv input tile before the zero padding; the attention runs over blocks of rows
-(queries) and of tokens (keys) with an online softmax, so no N x N matrix is held. A resnet block keeps two
-full-size activations (its input, which receives the output in place, and the middle one), in memory or in
-scratch files (`sdvae.activations`), as the untiled path does (`sdvae.bands`): tiles in memory bound the
-temporaries of very wide images, tiles on disk bound everything. `plan_tiling` chooses between untiled, tiled in
-memory and tiled on disk from a memory budget. See ../shared/TILING.md for the background.
+Everything in the encoder is local except its GroupNorms and the mid-block attention. The encoder is seen as a
+list of nodes, one per conv (GroupNorm+SiLU in front, a residual added behind) plus the attention, and run as a
+schedule of passes: each pass sweeps the tiles of one node's output, keeps that output whole (in memory or in a
+scratch file, `sdvae.activations`) and/or accumulates its per-sample, per-group statistics for the next
+GroupNorm, merged exactly across tiles (Chan's parallel formula, in float64). A tile is computed from the kept
+outputs it depends on, with the halo each conv needs, the GroupNorm+SiLU applied before the zero padding.
+
+Per stage (a down block, or the mid block with the output conv) the plan either keeps every output, in memory
+or in files, or recomputes: it keeps only what must be whole (the stage's last output, the attention's input),
+and every pass recomputes the stage's prefix tile by tile from there: more compute, a fraction of the memory.
+The attention runs over blocks of rows (queries) and of tokens (keys) with an online softmax, so no N x N
+matrix is held. `sdvae.planning` chooses a plan from a memory budget. Background: ../shared/TILING.md.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .activations import FileActivation, RamActivation
-from .config import VaeConfig
 from .groupnorm import Stats, affine, group_stats, merge_stats, normalize
-from .layers import Attention, ResnetBlock
-
-log = logging.getLogger("sdvae")
+from .layers import Attention
 
 Activation = RamActivation | FileActivation
-NewActivation = Callable[[tuple[int, ...]], Activation]
-Prologue = Callable[..., torch.Tensor]
+Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
+STORES = ("memory", "files", "recompute")
 ATTENTION_BLOCK = 4096  # tokens per query and key block: a 4096 x 4096 float32 score block is 64 MiB
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles of `tile` input pixels a side (halved at each level); `stores[i]`: where stage i keeps its outputs."""
+
+    tile: int
+    stores: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Node:
+    """`conv(SiLU(norm(input)))` (+ `shortcut(input of node skip)`), or the attention (with its norm)."""
+
+    stage: int  # the down block it belongs to; the mid block and the output conv are the last stage
+    level: int  # resolution level of its output: tiles of `tile >> level` pixels
+    conv: nn.Conv2d | None = None
+    pads: tuple[int, int, int, int] = (1, 1, 1, 1)  # top, bottom, left, right
+    norm: nn.GroupNorm | None = None
+    skip: int | None = None
+    shortcut: nn.Module | None = None
+    attention: Attention | None = None
+
+
+def encoder_nodes(encoder: nn.Module) -> list[Node]:
+    """The encoder (`sdvae.encoder.Encoder`) as a list of nodes, each reading the previous one's output."""
+    nodes = [Node(0, 0, encoder.conv_in)]
+
+    def resnet(block: nn.Module, stage: int, level: int) -> None:
+        nodes.append(Node(stage, level, block.conv1, norm=block.norm1))
+        nodes.append(Node(stage, level, block.conv2, norm=block.norm2, skip=len(nodes) - 1,
+                          shortcut=block.conv_shortcut))
+
+    for level, down in enumerate(encoder.down_blocks):
+        for block in down.resnets:
+            resnet(block, level, level)
+        for sampler in down.downsamplers:
+            nodes.append(Node(level, level + 1, sampler.conv, pads=(0, 1, 0, 1)))
+    mid, stage, level = encoder.mid_block, len(encoder.down_blocks), len(encoder.down_blocks) - 1
+    resnet(mid.resnets[0], stage, level)
+    for attention in mid.attentions:
+        nodes.append(Node(stage, level, norm=attention.group_norm, attention=attention))
+    resnet(mid.resnets[1], stage, level)
+    nodes.append(Node(stage, level, encoder.conv_out, norm=encoder.conv_norm_out))
+    return nodes
+
+
+def inputs(nodes: list[Node], k: int) -> list[int]:
+    """The outputs node k reads: the previous node's, and the one its residual comes from (-1: the image)."""
+    return [k - 1] + ([nodes[k].skip - 1] if nodes[k].skip is not None else [])
+
+
+def output_shapes(nodes: list[Node], shape: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """Each node's output shape; key -1 is the input's."""
+    shapes = {-1: tuple(shape)}
+    for k, node in enumerate(nodes):
+        b, _, h, w = shapes[k - 1]
+        if node.conv is None:
+            shapes[k] = shapes[k - 1]
+            continue
+        (kh, kw), (sh, sw), (pt, pb, pl, pr) = node.conv.kernel_size, node.conv.stride, node.pads
+        shapes[k] = (b, node.conv.out_channels, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1)
+    return shapes
+
+
+def input_region(node: Node, region: Region, shape: tuple[int, ...]) -> tuple[Region, tuple[int, int, int, int]]:
+    """The part of the input (of `shape`) that `node`'s conv reads for output `region`, and the zero border
+    (top, bottom, left, right) it needs beyond the input's edges."""
+    k, s = node.conv.kernel_size[0], node.conv.stride[0]
+    pt, _, pl, _ = node.pads
+    r0, r1, c0, c1 = region
+    h, w = shape[2:]
+    top, bottom, left, right = r0 * s - pt, (r1 - 1) * s - pt + k, c0 * s - pl, (c1 - 1) * s - pl + k
+    inside = (max(top, 0), min(bottom, h), max(left, 0), min(right, w))
+    return inside, (max(-top, 0), max(bottom - h, 0), max(-left, 0), max(right - w, 0))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One sweep over the tiles of node `target`'s output."""
+
+    target: int
+    store: str | None  # "memory" or "files": the output is kept whole; None: only its statistics are wanted
+    into: int | None  # a kept output it overwrites (a resnet's input, read only at the tile being written)
+    stats: bool  # the next node normalizes this output: accumulate its statistics
+    computed: tuple[int, ...]  # the nodes evaluated for each tile, ascending; the rest is read from kept outputs
+    free: tuple[int, ...]  # kept outputs that no later pass reads
+
+
+def schedule(nodes: list[Node], stores: tuple[str, ...]) -> list[Pass]:
+    """The passes of a tiled encode whose stage i keeps its outputs per `stores[i]` (see the module doc)."""
+    n = len(nodes)
+    last = {node.stage: k for k, node in enumerate(nodes)}
+
+    def kept(k: int) -> str | None:
+        mode = stores[nodes[k].stage]
+        if mode != "recompute":
+            return "memory" if k == n - 1 else mode
+        whole = k == last[nodes[k].stage] or nodes[k].attention is not None or nodes[k + 1].attention is not None
+        return "memory" if whole else None
+
+    keep = {k: where for k in range(n) if (where := kept(k))} | {-1: "memory"}
+    plans = []
+    for t in range(n):
+        stats = t + 1 < n and nodes[t + 1].norm is not None
+        if t not in keep and not stats:
+            continue
+        computed, reads, todo = set(), set(), [t]
+        while todo:
+            k = todo.pop()
+            computed.add(k)
+            reads |= {j for j in inputs(nodes, k) if j in keep}
+            todo += [j for j in inputs(nodes, k) if j not in keep and j not in computed]
+        plans.append((t, stats, tuple(sorted(computed)), reads))
+    last_read = {j: t for t, _, _, reads in plans for j in reads}
+    passes = []
+    for t, stats, computed, reads in plans:
+        node, into = nodes[t], None
+        if node.attention is not None:
+            into = t - 1
+        elif node.skip is not None and node.shortcut is None and t in keep:
+            x = node.skip - 1  # the resnet's input: overwritten if only the residual reads it, at its own tile
+            if x >= 0 and x in keep and t - 1 in keep and t - 1 != x and last_read[x] == t:
+                into = x
+        free = tuple(j for j in sorted(reads) if last_read[j] == t and j not in (-1, into))
+        passes.append(Pass(t, keep.get(t), into, stats, computed, free))
+    return passes
 
 
 def spans(length: int, size: int) -> list[tuple[int, int]]:
@@ -41,54 +165,93 @@ def spans(length: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def global_stats(x: Activation, groups: int, tile: int) -> Stats:
-    """Per-sample, per-group statistics of the whole map `x`, accumulated over bands of `tile` rows."""
+def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """The encoder's raw parameters `[B, 2L, H/8, W/8]`, computed by tiles as `plan` says.
+
+    Scratch files go under `$SDVAE_SCRATCH`, else the system's temporary folder; they are unlinked at once.
+    """
+    nodes = encoder_nodes(encoder)
+    shapes = output_shapes(nodes, tuple(x.shape))
+    maps: dict[int, Activation] = {-1: RamActivation(x)}
+    stats: dict[int, Stats] = {}
+    for p in schedule(nodes, plan.stores):
+        t, node = p.target, nodes[p.target]
+        if p.into is not None:
+            out = maps[p.into]
+        elif p.store == "files":
+            out = FileActivation(shapes[t], x.dtype, x.device, os.environ.get("SDVAE_SCRATCH"))
+        elif p.store == "memory":
+            out = RamActivation.empty(shapes[t], x.dtype, x.device)
+        else:
+            out = None
+        if node.attention is not None:
+            tiled_attention(node.attention, out, stats[t - 1])
+            if p.stats:
+                stats[t] = whole_map_stats(out, nodes[t + 1].norm.num_groups, plan.tile >> node.level)
+        else:
+            stats[t] = _sweep(nodes, shapes, maps, stats, p, out, max(1, plan.tile >> node.level))
+        if p.into is not None:
+            del maps[p.into]
+        if out is not None:
+            maps[t] = out
+        for j in p.free:
+            del maps[j]
+    params = maps[len(nodes) - 1].tensor
+    return params if quant_conv is None else quant_conv(params)
+
+
+def _sweep(nodes: list[Node], shapes: dict, maps: dict, stats: dict, p: Pass, out: Activation | None,
+           tile: int) -> Stats | None:
+    """Pass `p`: every tile of the target's output, written to `out` (if any); returns its statistics if wanted."""
+    dtype = maps[-1].dtype
+    prologues = {k: affine(nodes[k].norm, stats[k - 1], dtype) for k in p.computed if nodes[k].norm is not None}
+    _, _, h, w = shapes[p.target]
     total = None
-    for r0, r1 in spans(x.shape[2], tile):
-        stats = group_stats(x.read(slice(r0, r1), slice(None)), groups)
-        total = stats if total is None else merge_stats(total, stats)
+    for r0, r1 in spans(h, tile):
+        for c0, c1 in spans(w, tile):
+            y = _tile(nodes, shapes, maps, prologues, p.computed, (r0, r1, c0, c1))
+            if p.stats:
+                tile_stats = group_stats(y, nodes[p.target + 1].norm.num_groups)
+                total = tile_stats if total is None else merge_stats(total, tile_stats)
+            if out is not None:
+                out.write(slice(r0, r1), slice(c0, c1), y)
     return total
 
 
-def norm_prologue(norm: nn.GroupNorm, x: Activation, tile: int, silu: bool) -> Prologue:
-    """GroupNorm of `x` (whole-map statistics) as a per-channel affine map on any tile, SiLU after if asked."""
-    scale, shift = affine(norm, global_stats(x, norm.num_groups, tile), x.dtype)
-    return lambda t, out=None: normalize(t, scale, shift, silu, out=out)
+def _tile(nodes: list[Node], shapes: dict, maps: dict, prologues: dict, computed: tuple[int, ...],
+          region: Region) -> torch.Tensor:
+    """The last computed node's output on `region`, evaluated from the kept outputs with the halos it needs."""
+    needs = {computed[-1]: region}
+    for k in reversed(computed):  # every consumer of a node comes after it, so its region is complete here
+        inside, _ = input_region(nodes[k], needs[k], shapes[k - 1])
+        for j, r in zip(inputs(nodes, k), (inside, needs[k])):
+            old = needs.get(j, r)
+            needs[j] = (min(r[0], old[0]), max(r[1], old[1]), min(r[2], old[2]), max(r[3], old[3]))
+    values = {j: (maps[j].read(slice(r[0], r[1]), slice(r[2], r[3])), r) for j, r in needs.items() if j in maps}
 
+    def crop(j: int, r: Region) -> torch.Tensor:
+        value, (v0, _, u0, _) = values[j]
+        return value[:, :, r[0] - v0:r[1] - v0, r[2] - u0:r[3] - u0]
 
-def tiled_conv(conv: nn.Conv2d, x: Activation, tile: int, new: NewActivation, *,
-               pads: tuple[int, int, int, int] | None = None, prologue: Prologue | None = None,
-               residual: Callable[[slice, slice], torch.Tensor] | None = None,
-               out: Activation | None = None) -> Activation:
-    """`conv(prologue(x))` (+ `residual(rows, cols)`) one output tile at a time, zero padding after the prologue.
-
-    `pads` (top, bottom, left, right) default to the conv's own padding. The output goes to `out`, else to a new
-    activation; `out` may be `x` itself when the residual is the only reader of `x` tiles still to come (each
-    tile reads its own rows before writing them).
-    """
-    k, s = conv.kernel_size[0], conv.stride[0]
-    pt, pb, pl, pr = pads if pads is not None else (conv.padding[0],) * 2 + (conv.padding[1],) * 2
-    b, _, h, w = x.shape
-    ho, wo = (h + pt + pb - k) // s + 1, (w + pl + pr - k) // s + 1
-    if out is None:
-        out = new((b, conv.out_channels, ho, wo))
-    for o0, o1 in spans(ho, tile):
-        for q0, q1 in spans(wo, tile):
-            r0, r1 = o0 * s - pt, (o1 - 1) * s - pt + k
-            c0, c1 = q0 * s - pl, (q1 - 1) * s - pl + k
-            piece = x.read(slice(max(r0, 0), min(r1, h)), slice(max(c0, 0), min(c1, w)))
-            border = (max(-r0, 0), max(r1 - h, 0), max(-c0, 0), max(c1 - w, 0))
-            if prologue is not None:
-                buffer, interior = _padded_buffer(piece, border)
-                prologue(piece, out=interior)
-                piece = buffer
-            elif any(border):
-                piece = F.pad(piece, (border[2], border[3], border[0], border[1]))
-            y = F.conv2d(piece, conv.weight, conv.bias, stride=s)
-            if residual is not None:
-                y += residual(slice(o0, o1), slice(q0, q1))
-            out.write(slice(o0, o1), slice(q0, q1), y)
-    return out
+    last_use = {j: k for k in computed for j in inputs(nodes, k)}
+    for k in computed:
+        node = nodes[k]
+        inside, border = input_region(node, needs[k], shapes[k - 1])
+        piece = crop(k - 1, inside)
+        if node.norm is not None:
+            buffer, interior = _padded_buffer(piece, border)
+            normalize(piece, *prologues[k], silu=True, out=interior)
+            piece = buffer
+        elif any(border):
+            piece = F.pad(piece, (border[2], border[3], border[0], border[1]))
+        y = F.conv2d(piece, node.conv.weight, node.conv.bias, stride=node.conv.stride)
+        if node.skip is not None:
+            residual = crop(node.skip - 1, needs[k])
+            y += residual if node.shortcut is None else node.shortcut(residual)
+        values[k] = (y, needs[k])
+        for j in [j for j, user in last_use.items() if user == k and j in values]:
+            del values[j]  # no later node of this tile reads it
+    return values[computed[-1]][0]
 
 
 def _padded_buffer(piece: torch.Tensor, border: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,41 +264,41 @@ def _padded_buffer(piece: torch.Tensor, border: tuple[int, int, int, int]) -> tu
     return buffer, buffer[:, :, top:top + h, left:left + w]
 
 
-def tiled_resnet(block: ResnetBlock, x: Activation, tile: int, new: NewActivation) -> Activation:
-    """A resnet block by tiles; its output overwrites `x` when the widths match (the shortcut is the identity)."""
-    h = tiled_conv(block.conv1, x, tile, new, prologue=norm_prologue(block.norm1, x, tile, silu=True))
-    shortcut = nn.Identity() if block.conv_shortcut is None else block.conv_shortcut
-    return tiled_conv(block.conv2, h, tile, new, prologue=norm_prologue(block.norm2, h, tile, silu=True),
-                      residual=lambda rows, cols: shortcut(x.read(rows, cols)),
-                      out=x if block.conv_shortcut is None else None)
+def whole_map_stats(x: Activation, groups: int, tile: int) -> Stats:
+    """Per-sample, per-group statistics of the whole map `x`, accumulated over bands of `tile` rows."""
+    total = None
+    for r0, r1 in spans(x.shape[2], max(1, tile)):
+        stats = group_stats(x.read(slice(r0, r1), slice(None)), groups)
+        total = stats if total is None else merge_stats(total, stats)
+    return total
 
 
-def tiled_attention(attention: Attention, x: Activation, tile: int, block: int = ATTENTION_BLOCK) -> Activation:
-    """Single-head attention over all pixels, by blocks of rows with an online softmax; adds its output into `x`."""
+def tiled_attention(attention: Attention, x: Activation, stats: Stats, block: int = ATTENTION_BLOCK) -> None:
+    """Single-head attention over all pixels of `x` (whose statistics are `stats`), by blocks of rows with an
+    online softmax; adds its output into `x`."""
     b, c, h, w = x.shape
-    norm = norm_prologue(attention.group_norm, x, tile, silu=False)
+    scale, shift = affine(attention.group_norm, stats, x.dtype)
     row_blocks = [slice(r0, r1) for r0, r1 in spans(h, max(1, block // w))]
 
     def tokens(piece: torch.Tensor) -> torch.Tensor:
-        return piece.permute(0, 2, 3, 1).reshape(b, -1, c)
+        return normalize(piece, scale, shift, silu=False).permute(0, 2, 3, 1).reshape(b, -1, c)
 
     keys = torch.empty(b, h * w, c, dtype=x.dtype, device=x.device)
     values = torch.empty_like(keys)
     for rows in row_blocks:  # filled block by block: only the keys, the values and one block are held
-        normed = tokens(norm(x.read(rows, slice(None))))
+        normed = tokens(x.read(rows, slice(None)))
         start = rows.start * w
         keys[:, start:start + normed.shape[1]] = attention.to_k(normed)
         values[:, start:start + normed.shape[1]] = attention.to_v(normed)
     key_blocks = spans(keys.shape[1], block)
-    scale = c ** -0.5
     for rows in row_blocks:
         piece = x.read(rows, slice(None))
-        q = attention.to_q(tokens(norm(piece)))
+        q = attention.to_q(tokens(piece))
         top = q.new_full((b, q.shape[1], 1), float("-inf"))
         total = q.new_zeros(b, q.shape[1], 1)
         acc = q.new_zeros(b, q.shape[1], c)
         for k0, k1 in key_blocks:
-            scores = torch.bmm(q, keys[:, k0:k1].transpose(1, 2)).mul_(scale)
+            scores = torch.bmm(q, keys[:, k0:k1].transpose(1, 2)).mul_(c ** -0.5)
             new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
             correction = torch.exp(top - new_top)
             p = torch.exp(scores.sub_(new_top))
@@ -144,128 +307,3 @@ def tiled_attention(attention: Attention, x: Activation, tile: int, block: int =
             top = new_top
         out = attention.to_out[0](acc / total).reshape(b, piece.shape[2], w, c).permute(0, 3, 1, 2)
         x.write(rows, slice(None), piece + out)
-    return x
-
-
-def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tensor, tile_size: int,
-                 on_disk: bool = False) -> torch.Tensor:
-    """The encoder's raw parameters `[B, 2L, H/8, W/8]`, computed with tiles of `tile_size` input pixels.
-
-    Full-size activations live in memory, or with `on_disk` in scratch files (under `$SDVAE_SCRATCH`, else the
-    system's temporary folder), so that only tiles, the attention's keys and values, and the output are held.
-    """
-
-    def new(shape: tuple[int, ...]) -> Activation:
-        if on_disk:
-            return FileActivation(shape, x.dtype, x.device, os.environ.get("SDVAE_SCRATCH"))
-        return RamActivation.empty(shape, x.dtype, x.device)
-
-    def tile(level: int) -> int:
-        return max(1, tile_size >> level)
-
-    h = tiled_conv(encoder.conv_in, RamActivation(x), tile(0), new)
-    for level, down in enumerate(encoder.down_blocks):
-        for resnet in down.resnets:
-            h = tiled_resnet(resnet, h, tile(level), new)
-        for sampler in down.downsamplers:
-            h = tiled_conv(sampler.conv, h, tile(level + 1), new, pads=(0, 1, 0, 1))
-    deepest = tile(len(encoder.down_blocks) - 1)
-    mid = encoder.mid_block
-    h = tiled_resnet(mid.resnets[0], h, deepest, new)
-    for attention in mid.attentions:
-        h = tiled_attention(attention, h, deepest)
-    h = tiled_resnet(mid.resnets[1], h, deepest, new)
-    h = tiled_conv(encoder.conv_out, h, deepest, lambda shape: RamActivation.empty(shape, x.dtype, x.device),
-                   prologue=norm_prologue(encoder.conv_norm_out, h, deepest, silu=True))
-    params = h.read(slice(None), slice(None))
-    return params if quant_conv is None else quant_conv(params)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-AUTO_TILE = 256  # pixels: large enough that convs run at full speed, small enough for tile temporaries
-MIN_AUTO_TILE = 32
-
-
-def parse_memory(value: int | str) -> int:
-    """Bytes from an int or a string such as "2GiB", "1.5 GB" or "800M"."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number, unit = value, ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match[2].lower() not in _UNITS:
-            raise ValueError(f"max_memory must be bytes or a size like '2GiB', got {value!r}")
-        number, unit = float(match[1]), match[2].lower()
-    if number <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
-    return int(number * _UNITS[unit])
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for activations on `device`: CUDA's free memory, else the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 2**62  # unknown: do not switch on a guess
-
-
-def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes of one full-resolution activation of the first block: the unit both estimates count in."""
-    b, _, h, w = shape
-    return b * config.block_out_channels[0] * h * w * dtype.itemsize
-
-
-def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device = torch.device("cpu")) -> int:
-    """Estimated activation memory of the untiled encoder: on the CPU two and a half first-block activations (a
-    resnet by row bands holds two, `sdvae.bands`; measured 2.3-2.4), elsewhere four (whole maps); plus the
-    attention's queries, keys, values and output."""
-    b, _, h, w = shape
-    tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
-    maps = 2.5 if device.type == "cpu" else 4
-    attention = 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
-    return int(maps * activation_bytes(config, shape, dtype)) + attention
-
-
-def tiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, tile: int, on_disk: bool) -> int:
-    """Estimated activation memory of the tiled encoder: two and a half activations unless they are on disk, a few
-    tile buffers, and the attention's keys, values and score block."""
-    b, _, h, w = shape
-    resident = 0 if on_disk else int(2.5 * activation_bytes(config, shape, dtype))
-    # a few tile buffers at full resolution (deeper levels have wider but quarter-size tiles)
-    tile_buffers = 6 * b * config.block_out_channels[0] * (tile + 2) ** 2 * dtype.itemsize
-    tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
-    attention = (2 * tokens * config.block_out_channels[-1] + min(tokens, ATTENTION_BLOCK) ** 2) * dtype.itemsize
-    return resident + tile_buffers + attention
-
-
-def plan_tiling(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                tile_size: int | None, max_memory: int | str | None) -> tuple[int, bool] | None:
-    """How to encode `shape` within `max_memory` (default: what is free): None for untiled, else (tile, on_disk).
-
-    Untiled when it fits and no tile size was asked for; else the largest tile (the one asked for, or 256 down to
-    32 px) whose estimate fits with activations in memory, then with them in scratch files. Raises MemoryError
-    when nothing fits.
-    """
-    budget = parse_memory(max_memory) if max_memory is not None else available_memory(device)
-    need = untiled_peak(config, shape, dtype, device)
-    if tile_size is None and need <= budget:
-        return None
-    tiles = [tile_size] if tile_size is not None else [t for t in (256, 128, 64, 32) if t <= max(256, *shape[2:])]
-    for on_disk in (False, True):
-        for tile in tiles:
-            tiled = tiled_peak(config, shape, dtype, tile, on_disk)
-            if tiled <= budget:
-                if tile_size is None or on_disk:
-                    where = "activations in scratch files" if on_disk else "activations in memory"
-                    log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of %d px, "
-                             "%s (about %s)", list(shape), _size(need), _size(budget), tile, where, _size(tiled))
-                return tile, on_disk
-    raise MemoryError(f"encoding {list(shape)} needs about {_size(tiled)} even in tiles with scratch files, more "
-                      f"than the {_size(budget)} allowed; raise max_memory or encode a smaller image")

@@ -1,0 +1,156 @@
+"""How to encode an image within a memory budget: untiled, or exact tiles keeping each stage's activations in
+memory, in scratch files, or recomputing them (`sdvae.tiling`).
+
+The tiled estimates walk the same schedule the tiled encoder runs, so they follow its kept outputs pass by pass.
+Scratch files go under `$SDVAE_SCRATCH` (else the system's temporary folder); `SDVAE_SCRATCH=none` forbids them,
+and a folder without room for them is not used either.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import VaeConfig
+from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule
+
+log = logging.getLogger("sdvae")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+AUTO_TILES = (256, 128, 64, 32)  # pixels: the largest run convs at full speed, the smallest bound temporaries
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from an int or a string such as "2GiB", "1.5 GB" or "800M"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match[2].lower() not in _UNITS:
+            raise ValueError(f"max_memory must be bytes or a size like '2GiB', got {value!r}")
+        number, unit = float(match[1]), match[2].lower()
+    if number <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for activations on `device`: CUDA's free memory, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62  # unknown: do not switch on a guess
+
+
+def scratch_room() -> int:
+    """Bytes free for scratch files: 0 when `SDVAE_SCRATCH=none`, else 90% of the scratch folder's free space."""
+    folder = os.environ.get("SDVAE_SCRATCH") or tempfile.gettempdir()
+    if folder.lower() == "none":
+        return 0
+    return int(0.9 * shutil.disk_usage(folder).free)
+
+
+def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of one full-resolution activation of the first block."""
+    b, _, h, w = shape
+    return b * config.block_out_channels[0] * h * w * dtype.itemsize
+
+
+def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")) -> int:
+    """Estimated activation memory of the untiled encoder: on the CPU two and a half first-block activations (a
+    resnet by row bands holds two, `sdvae.bands`; measured 2.3-2.4), elsewhere four (whole maps); plus the
+    attention's queries, keys, values and output."""
+    b, _, h, w = shape
+    tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
+    maps = 2.5 if device.type == "cpu" else 4
+    attention = 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
+    return int(maps * activation_bytes(config, shape, dtype)) + attention
+
+
+def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, plan: TilePlan) -> tuple[int, int]:
+    """Estimated (memory, scratch file) bytes of the tiled encoder at its fullest: the kept outputs alive at each
+    pass, plus the pass's tile temporaries (each computed node's output with its halo, and two input pieces) or
+    the attention's keys, values and score blocks."""
+    nodes = encoder_nodes(encoder)
+    shapes = output_shapes(nodes, shape)
+    live: dict[int, tuple[str, int]] = {}
+    memory = files = 0
+    for p in schedule(nodes, plan.stores):
+        b, c, h, w = shapes[p.target]
+        if p.into is not None:
+            live[p.target] = live.pop(p.into)
+        elif p.store is not None:
+            live[p.target] = (p.store, math.prod(shapes[p.target]) * dtype.itemsize)
+        if nodes[p.target].attention is not None:
+            n = h * w
+            temporaries = b * (2 * n * c + 2 * min(n, ATTENTION_BLOCK) ** 2 + 4 * min(n, ATTENTION_BLOCK) * c)
+        else:
+            halo = 2 * len(p.computed)
+            pieces = [(nodes[k].conv.in_channels, nodes[k].conv.out_channels, max(1, plan.tile >> nodes[k].level),
+                       shapes[k]) for k in p.computed]
+            temporaries = sum(b * out * (min(t, hk) + halo) * (min(t, wk) + halo) for _, out, t, (_, _, hk, wk) in pieces)
+            temporaries += 2 * max(b * inp * (min(t, hk) + halo) * (min(t, wk) + halo)
+                                   for inp, _, t, (_, _, hk, wk) in pieces)
+        resident = sum(size for where, size in live.values() if where == "memory")
+        memory = max(memory, resident + temporaries * dtype.itemsize)
+        files = max(files, sum(size for where, size in live.values() if where == "files"))
+        for j in p.free:
+            live.pop(j, None)
+    return memory, files
+
+
+def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device, tile_size: int | None, max_memory: int | str | None) -> TilePlan | None:
+    """How to encode `shape` within `max_memory` (default: what is free): None for untiled, else a `TilePlan`.
+
+    Untiled when it fits and no tile size was asked for. Else the first plan that fits, trying stages from the
+    largest (the first) on: every stage in memory, then the first k stages in scratch files (where the scratch
+    folder has room) or recomputed, each with the largest tile (the one asked for, or 256 down to 32 px). Raises
+    MemoryError when nothing fits.
+    """
+    budget = parse_memory(max_memory) if max_memory is not None else available_memory(device)
+    need = untiled_peak(config, shape, dtype, device)
+    if tile_size is None and need <= budget:
+        return None
+    tiles = [tile_size] if tile_size is not None else [t for t in AUTO_TILES if t <= max(AUTO_TILES[0], *shape[2:])]
+    stages, room = len(config.block_out_channels) + 1, scratch_room()
+    for k in range(stages + 1):
+        for where in ("files", "recompute") if k else ("memory",):
+            stores = (where,) * k + ("memory",) * (stages - k)
+            for tile in tiles:
+                plan = TilePlan(tile, stores)
+                memory, files = tiled_peak(encoder, shape, dtype, plan)
+                if memory <= budget and files <= room:
+                    if tile_size is None or k:
+                        log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of "
+                                 "%d px, %s (about %s in memory%s)", list(shape), _size(need), _size(budget), tile,
+                                 describe(stores), _size(memory), f", {_size(files)} on disk" if files else "")
+                    return plan
+    raise MemoryError(f"encoding {list(shape)} needs about {_size(memory)} even in tiles with the activations "
+                      f"recomputed, more than the {_size(budget)} allowed; raise max_memory or encode a smaller image")
+
+
+def describe(stores: tuple[str, ...]) -> str:
+    """Where each stage's activations go, in words."""
+    words = {"memory": "in memory", "files": "in scratch files", "recompute": "recomputed"}
+    parts = []
+    for where in dict.fromkeys(stores):
+        stages = [str(i) for i, s in enumerate(stores) if s == where]
+        parts.append(f"stage{'s' if len(stages) > 1 else ''} {', '.join(stages)} {words[where]}")
+    return "activations of " + "; ".join(parts)
