@@ -1,7 +1,8 @@
 """sdvae vs diffusers: encoder time, peak memory and error, beside the conv floor. Prints one markdown table.
 
 Every measurement runs in a fresh process (clean peak-memory readings) on the same random SD 1.5 weights and
-input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2]
+input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2] [--compile]
+  --compile adds sdvae-compiled rows: `load_encoder(..., compile=True)`, warmed up (compiled) at the timed size.
   time: best of a few runs after a warm-up at 64 px; peak: rise of resident memory (VmHWM) during the timed runs,
   model loaded; err: relative L2 error of the mean against float32 diffusers (eager).
   floor: the encoder's convolutions alone, channels-last float32, same shapes (what no float32 encoder can beat).
@@ -34,10 +35,10 @@ def build(kind: str, weights: Path, dtype: torch.dtype):
 
     config = VaeConfig.preset("sd15")
     state = load_file(weights)
-    if kind == "sdvae":
+    if kind in ("sdvae", "sdvae-compiled"):
         from sdvae import load_encoder
 
-        enc = load_encoder(weights, family="sd15", dtype=dtype)
+        enc = load_encoder(weights, family="sd15", dtype=dtype, compile=kind == "sdvae-compiled")
         return lambda x: enc.encode(x).mean
     from diffusers import AutoencoderKL
 
@@ -104,7 +105,7 @@ def worker(kind: str, size: int, dtype_name: str, weights: Path, out: Path) -> N
     run = build(kind, weights, dtype)
     x = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
     with torch.no_grad():
-        run(torch.zeros(1, 3, 64, 64, dtype=dtype))
+        run(x if kind == "sdvae-compiled" else torch.zeros(1, 3, 64, 64, dtype=dtype))
         best, peak, mean = timed(lambda: run(x), reps)
     torch.save(mean.float(), out.with_suffix(".pt"))
     out.write_text(json.dumps({"seconds": best, "peak_mib": peak}))
@@ -115,7 +116,7 @@ def measure(kind: str, size: int, dtype: str, weights: Path, tmp: Path, threads:
 
 
 def main() -> None:
-    args = parse_args([256, 512, 1024], worker_fields=4)
+    args = parse_args([256, 512, 1024], worker_fields=4, flags=("--compile",))
     if args.worker:
         kind, size, dtype, weights, out = args.worker
         return worker(kind, int(size), dtype, Path(weights), Path(out))
@@ -125,6 +126,7 @@ def main() -> None:
     import importlib.util
 
     kinds = KINDS if importlib.util.find_spec("openvino") else KINDS[:-1]
+    kinds += ("sdvae-compiled",) if args.compile else ()
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
     weights = random_sd15_weights(tmp)
     print(f"{cpu_line(args.threads)}, torch {torch.__version__}, SD 1.5 encoder, random weights, batch 1")

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import profile
 
 from reference import random_images, reference_vae, rel_err
-from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_encoder
+from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_decoder, load_encoder
 
 SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8)
 
@@ -119,3 +119,22 @@ def test_inference_runs_resnets_and_downsamples_by_row_bands_into_their_outputs(
     assert conv_heights and 16 + 2 in conv_heights and max(conv_heights) < height  # bands with their halo rows
     plain = [e.input_shapes[0] for e in prof.events() if e.name == "aten::convolution"]
     assert all(shape[1] == 3 or shape[2] <= height // 4 for shape in plain), plain  # conv_in; conv_out, quant_conv
+
+
+def test_compiled_encoder_and_decoder_match_diffusers(tmp_path):
+    """`compile=True` runs the whole-map network through torch.compile (inductor) and stays within float32 parity."""
+    import torch._dynamo
+
+    vae = reference_vae(SMALL, seed=5)
+    vae.save_pretrained(tmp_path)
+    x = random_images(1, 40, 24)
+    torch._dynamo.reset()
+    enc, dec = load_encoder(tmp_path, compile=True), load_decoder(tmp_path, compile=True)
+    with torch.no_grad():
+        mean = enc.encode(x).mean
+        images = dec.decode(mean)
+        want_mean = vae.encode(x).latent_dist.mean
+        want_images = vae.decode(want_mean).sample
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both networks ran compiled
+    assert rel_err(mean, want_mean) <= 1e-5
+    assert rel_err(images, want_images) <= 1e-5

@@ -45,7 +45,7 @@ class VaeDecoder(VaeModule):
         self.decoder = Decoder(config)
         self._channels_last()
 
-    def _images(self, z: torch.Tensor) -> torch.Tensor:
+    def _network(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
@@ -53,7 +53,7 @@ class VaeDecoder(VaeModule):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Images `[B, out_channels, 8h, 8w]` (nominally in [-1, 1]) from VAE latents `[B, L, h, w]`."""
         z = self._check_input(z, self.config.latent_channels, 1, "latents")
-        return self._guarded(self._images, z).contiguous()
+        return self._guarded(self._run, z).contiguous()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images from unscaled VAE latents (a sample or the mean of `VaeEncoder.encode`)."""

@@ -51,11 +51,14 @@ class VaeEncoder(VaeModule):
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
         self._channels_last()
 
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        return h if self.quant_conv is None else self.quant_conv(h)
+
     def _params(self, x: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
         if plan is not None:
             return tiled_params(self.encoder, self.quant_conv, x, plan)
-        h = self.encoder(x)
-        return h if self.quant_conv is None else self.quant_conv(h)
+        return self._run(x)
 
     def forward(self, x: torch.Tensor, tile_size: int | None = None,
                 max_memory: int | str | None = None) -> torch.Tensor:

@@ -17,9 +17,10 @@ def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
 
 def by_bands(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether `module(x)` takes the row-band path of `sdvae.bands`: on the CPU, when autograd does not record it
-    (row bands write in place; GPUs keep whole maps, where kernels stay large)."""
-    recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-    return x.device.type == "cpu" and not recording
+    and torch.compile is not tracing it (row bands write in place; GPUs and compiled graphs keep whole maps)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:

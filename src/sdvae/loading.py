@@ -285,30 +285,32 @@ M = TypeVar("M", bound=VaeModule)
 
 
 def _load(cls: type[M], source: str | Path, config: VaeConfig | dict | str | Path | None, family: str | None,
-          device: torch.device | str | None, dtype: torch.dtype | None, strict: bool) -> M:
+          device: torch.device | str | None, dtype: torch.dtype | None, strict: bool, compile: bool) -> M:
     ckpt = open_checkpoint(source, config=config, family=family)
     with torch.device("meta"):
         module = cls(ckpt.config).to(dtype or torch.float32)
     report = module.load_hf_state_dict(ckpt.tensors, strict=strict, source=str(ckpt.path))
     module.load_report = report
     log.info("%s from %s (%s): %s", cls.__name__, ckpt.path, ckpt.config_origin, report.summary())
-    return module.to(device or "cpu").eval().requires_grad_(False)
+    module = module.to(device or "cpu").eval().requires_grad_(False)
+    return module.compile() if compile else module
 
 
 def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
                  family: str | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, strict: bool = False) -> VaeEncoder:
+                 dtype: torch.dtype | None = None, strict: bool = False, compile: bool = False) -> VaeEncoder:
     """Load a `VaeEncoder` from a file, a diffusers or pipeline folder, or a hub id; reads only its tensors.
 
     The config comes from `config`, else the `family` preset (sd15, sd2, sdxl, sd3, flux, playground, cogview),
     else the diffusers config.json beside the weights, else the weights themselves (warning where the family, and
     so the scaling factor, is ambiguous). `dtype` defaults to float32. `.load_report` says what was dropped.
+    `compile=True` runs the network through torch.compile (`VaeModule.compile`).
     """
-    return _load(VaeEncoder, source, config, family, device, dtype, strict)
+    return _load(VaeEncoder, source, config, family, device, dtype, strict, compile)
 
 
 def load_decoder(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
                  family: str | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, strict: bool = False) -> VaeDecoder:
+                 dtype: torch.dtype | None = None, strict: bool = False, compile: bool = False) -> VaeDecoder:
     """Load a `VaeDecoder`, as `load_encoder` does."""
-    return _load(VaeDecoder, source, config, family, device, dtype, strict)
+    return _load(VaeDecoder, source, config, family, device, dtype, strict, compile)

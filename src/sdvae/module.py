@@ -37,6 +37,23 @@ class VaeModule(nn.Module):
     """Base of `VaeEncoder` and `VaeDecoder`: a plain module whose state-dict keys are diffusers'."""
 
     config: VaeConfig
+    _compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole-image network, on checked input (the encoder's or the decoder's)."""
+        raise NotImplementedError
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self._network(x) if self._compiled is None else self._compiled(x)
+
+    def compile(self, **options: Any) -> VaeModule:
+        """Run the network through `torch.compile(**options)` from now on; returns the module.
+
+        Compiled, it runs on whole maps (no row bands): the compiler fuses the GroupNorms, SiLUs and residual adds
+        itself, for GPUs above all. Input checks, tiling and the float16 guard stay eager around it.
+        """
+        self._compiled = torch.compile(self._network, **options)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
