@@ -100,13 +100,12 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
         if nodes[p.target].attention is not None:
             n = h * w
             temporaries = b * (2 * n * c + 2 * min(n, ATTENTION_BLOCK) ** 2 + 4 * min(n, ATTENTION_BLOCK) * c)
-        else:
+        else:  # a tile of each computed node, grown by the halos of the nodes after it (two pixels a conv, at most)
             halo = 2 * len(p.computed)
-            pieces = [(nodes[k].conv.in_channels, nodes[k].conv.out_channels, max(1, plan.tile >> nodes[k].level),
-                       shapes[k]) for k in p.computed]
-            temporaries = sum(b * out * (min(t, hk) + halo) * (min(t, wk) + halo) for _, out, t, (_, _, hk, wk) in pieces)
-            temporaries += 2 * max(b * inp * (min(t, hk) + halo) * (min(t, wk) + halo)
-                                   for inp, _, t, (_, _, hk, wk) in pieces)
+            pixels = {k: (min(plan.tile >> nodes[k].level or 1, shapes[k][2]) + halo)
+                      * (min(plan.tile >> nodes[k].level or 1, shapes[k][3]) + halo) for k in p.computed}
+            temporaries = sum(b * nodes[k].conv.out_channels * pixels[k] for k in p.computed)
+            temporaries += 2 * max(b * nodes[k].conv.in_channels * pixels[k] for k in p.computed)
         resident = sum(size for where, size in live.values() if where == "memory")
         memory = max(memory, resident + temporaries * dtype.itemsize)
         files = max(files, sum(size for where, size in live.values() if where == "files"))
