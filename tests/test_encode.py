@@ -224,3 +224,13 @@ def test_tile_size_and_max_memory_change_memory_not_latents(model, images, tmp_p
         for item in LatentDataset(out, mode=True):
             assert rel_err(item["mean"], want[item["key"]]["mean"]) <= 1e-5
             assert rel_err(item["logvar"], want[item["key"]]["logvar"]) <= 1e-5
+
+
+def test_compile_flag_reaches_the_encoder(model, images, tmp_path, monkeypatch):
+    """`--compile` asks the loaded encoder to compile (the compiled path itself: tests/test_fast_path.py)."""
+    from sdvae.module import VaeModule
+
+    compiled = []
+    monkeypatch.setattr(VaeModule, "compile", lambda self, **options: compiled.append(type(self).__name__) or self)
+    encode(images / "a.png", "--model", model, "--output", tmp_path / "out", "--resolution", "64", "--compile")
+    assert compiled == ["VaeEncoder"]

@@ -47,7 +47,7 @@ def _encode(args: argparse.Namespace) -> int:
     settings = Settings(resolution=args.resolution, buckets=args.buckets, crop=args.crop, flip=args.flip,
                         seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels)
     runtime = Runtime(batch_size=args.batch_size, device=args.device, tile_size=args.tile_size,
-                      max_memory=args.max_memory)
+                      max_memory=args.max_memory, compile=args.compile)
     counts = encode_dataset(args.inputs, args.model, args.output, settings, family=args.family, runtime=runtime,
                             workers=_workers(args), shard_size=args.shard_size, resume=args.resume,
                             overwrite=args.overwrite, image_column=args.image_column,
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="activation memory budget, e.g. 4GiB; larger images are encoded in exact tiles, "
                              "with scratch files in $SDVAE_SCRATCH or recomputed stages (SDVAE_SCRATCH=none) "
                              "where tiles alone do not fit (default: the memory free on the device)")
+    encode.add_argument("--compile", action="store_true",
+                        help="run the encoder through torch.compile: for GPUs (on the CPU the default path is faster); "
+                             "the first batch of each shape compiles")
     encode.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="run here, or on a Ray cluster (pip install 'sdvae[ray]') (default: %(default)s)")
     encode.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else the one `ray start` "

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
     tally = Tally(job)
     shards = [{"shard": index, "items": pickle.dumps(job.plan[index])} for index in job.todo]
     device = "cuda" if pool.device.startswith("cuda") else pool.device  # an actor sees only its own GPU
-    actor_runtime = Runtime(runtime.batch_size, device, runtime.tile_size, runtime.max_memory)
+    actor_runtime = replace(runtime, device=device)
     try:
         if shards:
             pipeline = (
