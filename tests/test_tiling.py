@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +56,46 @@ def test_recomputed_and_scratch_file_stages_equal_untiled(encoder, dtype, tile, 
         got = sdvae.tiling.tiled_params(enc.encoder, enc.quant_conv, x, plan)
     assert rel_err(got, want) <= TOLERANCE[dtype]
     assert not list(tmp_path.iterdir())  # scratch files are unlinked at once
+
+
+@pytest.mark.parametrize("stores", ["memory", "files", "recompute"])
+def test_schedule_reads_only_live_maps_and_frees_each_after_its_last_reader(encoder, stores):
+    from sdvae.tiling import encoder_nodes, inputs, schedule
+
+    nodes = encoder_nodes(encoder.encoder)
+    live, most = set(), 0
+    for p in schedule(nodes, (stores,) * (len(encoder.config.block_out_channels) + 1)):
+        reads = {j for k in p.computed for j in inputs(nodes, k) if j not in p.computed}
+        assert reads <= live | {-1}
+        live = (live - {p.into}) | ({p.target} if p.store else set())
+        live -= set(p.free)
+        most = max(most, len(live))
+    assert live == {len(nodes) - 1}  # only the result is left
+    assert most <= 3  # a resnet's input and middle map, and its output when the width changes
+
+
+def test_tiles_run_without_autograd_and_refuse_a_call_it_would_record(encoder):
+    enc = encoder.to(torch.float64)
+    x = random_images(1, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        want = enc(x)
+    frozen = copy.deepcopy(enc).requires_grad_(False)
+    assert rel_err(frozen(x, tile_size=16), want) <= 1e-12  # grad mode on, nothing to record
+    with pytest.raises(RuntimeError, match="does not record autograd"):
+        enc(x, tile_size=16)
+
+
+def test_an_unreadable_scratch_folder_means_no_scratch_files(encoder, monkeypatch, caplog):
+    from sdvae.planning import scratch_room
+
+    monkeypatch.setenv("SDVAE_SCRATCH", "/nonexistent/sdvae-scratch")
+    with caplog.at_level("WARNING", logger="sdvae"):
+        assert scratch_room() == 0
+    assert "/nonexistent/sdvae-scratch" in caplog.text
+    enc = encoder.to(torch.float64)
+    x = random_images(1, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(enc(x, tile_size=16), enc(x)) <= 1e-12
 
 
 def test_recomputed_stages_keep_only_what_must_be_whole(encoder):
@@ -127,23 +168,46 @@ def test_memory_sizes_parse_and_bad_ones_are_named():
             parse_memory(bad)
 
 
-def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, caplog):
+def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, caplog, tmp_path, monkeypatch):
     from sdvae.planning import tiled_peak, untiled_peak
 
+    monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path))
     enc = encoder.to(torch.float32)
     x = random_images(1, 96, 80)
     shape, stages = tuple(x.shape), len(enc.config.block_out_channels) + 1
-    tiled, _ = tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiling.TilePlan(32, ("memory",) * stages))
-    budget = (untiled_peak(enc.config, shape, x.dtype) + tiled) // 2
-    assert tiled < budget < untiled_peak(enc.config, shape, x.dtype)
+    tiled, _ = tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiling.TilePlan(32, ("files",) * stages))
+    budget = untiled_peak(enc.config, shape, x.dtype) - 1  # just too little for untiled; tiles fit
+    assert tiled < budget
     with torch.no_grad():
         want = enc(x)
         with caplog.at_level("INFO", logger="sdvae"):
             got = enc(x, max_memory=budget)
-    assert "exact tiles" in caplog.text and "stages 0, 1, 2, 3, 4 in memory" in caplog.text
+    assert "exact tiles of" in caplog.text
     assert rel_err(got, want) <= 1e-5
-    with pytest.raises(MemoryError, match="even in tiles with the activations recomputed"):
+    with pytest.raises(MemoryError, match="even in tiles of 32 px"):
         enc(x, max_memory="1KiB")
+
+
+@pytest.mark.parametrize("scratch, want", [("folder", "ffmmm"), ("none", "rrmmm")])
+def test_plans_try_large_tiles_with_stages_moved_off_memory_before_small_tiles(scratch, want, monkeypatch, tmp_path):
+    """Fake estimates: 50, plus 100 per stage in memory, plus 100 for tiles over 64 px; a 450 budget then takes two
+    stages off memory with 256 px tiles (not one with 64 px tiles), to scratch files where allowed, else recomputed."""
+    import sdvae.planning as planning
+
+    def peak(encoder, shape, dtype, plan):
+        memory = 50 + 100 * plan.stores.count("memory") + (100 if plan.tile > 64 else 0)
+        return memory, 10 * plan.stores.count("files")
+
+    monkeypatch.setattr(planning, "tiled_peak", peak)
+    monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path) if scratch == "folder" else "none")
+    config = VaeConfig.preset("sd15")
+    shape, cpu = (1, 3, 4096, 4096), torch.device("cpu")
+    plan = planning.plan_tiling(None, config, shape, torch.float32, cpu, None, 450)
+    where = {"m": "memory", "f": "files", "r": "recompute"}
+    assert plan == sdvae.tiling.TilePlan(256, tuple(where[s] for s in want))
+    ending = " with scratch files" if scratch == "folder" else ", recomputed"
+    with pytest.raises(MemoryError, match=f"even in tiles of 32 px{ending}, more than"):
+        planning.plan_tiling(None, config, shape, torch.float32, cpu, None, 49)
 
 
 @pytest.mark.parametrize("scratch", ["folder", "none", "full"])

@@ -11,8 +11,8 @@ from .config import VaeConfig
 from .distribution import DiagonalGaussian
 from .layers import DownBlock, MidBlock, group_norm, norm_silu
 from .module import VaeModule
-from .scaling import scale_latents
 from .planning import plan_tiling
+from .scaling import scale_latents
 from .tiling import TilePlan, tiled_params
 
 

@@ -58,11 +58,16 @@ def available_memory(device: torch.device) -> int:
 
 
 def scratch_room() -> int:
-    """Bytes free for scratch files: 0 when `SDVAE_SCRATCH=none`, else 90% of the scratch folder's free space."""
+    """Bytes free for scratch files: 90% of the scratch folder's free space; 0 when `SDVAE_SCRATCH=none` or the
+    folder cannot be read."""
     folder = os.environ.get("SDVAE_SCRATCH") or tempfile.gettempdir()
     if folder.lower() == "none":
         return 0
-    return int(0.9 * shutil.disk_usage(folder).free)
+    try:
+        return int(0.9 * shutil.disk_usage(folder).free)
+    except OSError:
+        log.warning("sdvae: scratch folder %s cannot be read: no scratch files", folder)
+        return 0
 
 
 def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -73,12 +78,12 @@ def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dty
 
 def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device = torch.device("cpu")) -> int:
-    """Estimated activation memory of the untiled encoder: on the CPU two and a half first-block activations (a
-    resnet by row bands holds two, `sdvae.bands`; measured 2.3-2.4), elsewhere four (whole maps); plus the
+    """Estimated activation memory of the untiled encoder: on the CPU 2.1 first-block activations (a resnet by row
+    bands holds two, `sdvae.bands`; measured 2.03-2.08 at 1024-4096 px), elsewhere four (whole maps); plus the
     attention's queries, keys, values and output."""
     b, _, h, w = shape
     tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
-    maps = 2.5 if device.type == "cpu" else 4
+    maps = 2.1 if device.type == "cpu" else 4
     attention = 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
     return int(maps * activation_bytes(config, shape, dtype)) + attention
 
@@ -120,29 +125,44 @@ def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], d
 
     Untiled when it fits and no tile size was asked for. Else the first plan that fits, trying stages from the
     largest (the first) on: every stage in memory, then the first k stages in scratch files (where the scratch
-    folder has room) or recomputed, each with the largest tile (the one asked for, or 256 down to 32 px). Raises
-    MemoryError when nothing fits.
+    folder has room) or recomputed; with the tile asked for, else tiles of 256 and 128 px, and only if none of
+    those fits 64 and 32 px (small tiles are slow). Raises MemoryError when nothing fits.
     """
     budget = parse_memory(max_memory) if max_memory is not None else available_memory(device)
     need = untiled_peak(config, shape, dtype, device)
     if tile_size is None and need <= budget:
         return None
-    tiles = [tile_size] if tile_size is not None else [t for t in AUTO_TILES if t <= max(AUTO_TILES[0], *shape[2:])]
+    rounds = [(tile_size,)] if tile_size is not None else [AUTO_TILES[:2], AUTO_TILES[2:]]
     stages, room = len(config.block_out_channels) + 1, scratch_room()
-    for k in range(stages + 1):
-        for where in ("files", "recompute") if k else ("memory",):
-            stores = (where,) * k + ("memory",) * (stages - k)
-            for tile in tiles:
-                plan = TilePlan(tile, stores)
-                memory, files = tiled_peak(encoder, shape, dtype, plan)
-                if memory <= budget and files <= room:
-                    if tile_size is None or k:
-                        log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of "
-                                 "%d px, %s (about %s in memory%s)", list(shape), _size(need), _size(budget), tile,
-                                 describe(stores), _size(memory), f", {_size(files)} on disk" if files else "")
-                    return plan
-    raise MemoryError(f"encoding {list(shape)} needs about {_size(memory)} even in tiles with the activations "
-                      f"recomputed, more than the {_size(budget)} allowed; raise max_memory or encode a smaller image")
+    smallest = None
+    for tiles in rounds:
+        for k in range(stages + 1):
+            for where in ("files", "recompute") if k else ("memory",):
+                stores = (where,) * k + ("memory",) * (stages - k)
+                for tile in tiles:
+                    plan = TilePlan(tile, stores)
+                    memory, files = tiled_peak(encoder, shape, dtype, plan)
+                    if files > room:
+                        continue
+                    smallest = memory if smallest is None else min(smallest, memory)
+                    if memory <= budget:
+                        _log_plan(shape, plan, need, budget, memory, files, tile_size)
+                        return plan
+    raise MemoryError(f"encoding {list(shape)} needs about {_size(smallest)} even in tiles of "
+                      f"{rounds[-1][-1]} px{' with scratch files' if room else ', recomputed'}, more than the "
+                      f"{_size(budget)} allowed; raise max_memory or encode a smaller image")
+
+
+def _log_plan(shape: tuple[int, ...], plan: TilePlan, untiled: int, budget: int, memory: int, files: int,
+              tile_size: int | None) -> None:
+    """Say why and how the image is tiled, unless it is just the tile size asked for, all in memory."""
+    where = f"{describe(plan.stores)} (about {_size(memory)} in memory{f', {_size(files)} on disk' if files else ''})"
+    if tile_size is None:
+        log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of %d px, %s",
+                 list(shape), _size(untiled), _size(budget), plan.tile, where)
+    elif set(plan.stores) != {"memory"}:
+        log.info("sdvae: %s in tiles of %d px does not fit the %s budget with every stage in memory: %s",
+                 list(shape), plan.tile, _size(budget), where)
 
 
 def describe(stores: tuple[str, ...]) -> str:

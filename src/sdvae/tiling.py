@@ -29,7 +29,7 @@ from .layers import Attention
 
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
-STORES = ("memory", "files", "recompute")
+Shapes = dict[int, tuple[int, ...]]
 ATTENTION_BLOCK = 4096  # tokens per query and key block: a 4096 x 4096 float32 score block is 64 MiB
 
 
@@ -83,7 +83,7 @@ def inputs(nodes: list[Node], k: int) -> list[int]:
     return [k - 1] + ([nodes[k].skip - 1] if nodes[k].skip is not None else [])
 
 
-def output_shapes(nodes: list[Node], shape: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+def output_shapes(nodes: list[Node], shape: tuple[int, ...]) -> Shapes:
     """Each node's output shape; key -1 is the input's."""
     shapes = {-1: tuple(shape)}
     for k, node in enumerate(nodes):
@@ -150,11 +150,12 @@ def schedule(nodes: list[Node], stores: tuple[str, ...]) -> list[Pass]:
     for t, stats, computed, reads in plans:
         node, into = nodes[t], None
         if node.attention is not None:
-            into = t - 1
-        elif node.skip is not None and node.shortcut is None and t in keep:
-            x = node.skip - 1  # the resnet's input: overwritten if only the residual reads it, at its own tile
-            if x >= 0 and x in keep and t - 1 in keep and t - 1 != x and last_read[x] == t:
-                into = x
+            into = t - 1  # the attention adds its output into its input, block by block
+        elif (node.skip is not None and node.shortcut is None and t - 1 in keep
+              and keep.get(t) == keep.get(node.skip - 1)):
+            # a resnet whose input is kept where its output goes, and read by the residual alone (its conv reads
+            # the kept t - 1): each tile reads its own pixels of the input before writing them
+            into = node.skip - 1
         free = tuple(j for j in sorted(reads) if last_read[j] == t and j not in (-1, into))
         passes.append(Pass(t, keep.get(t), into, stats, computed, free))
     return passes
@@ -169,7 +170,17 @@ def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tens
     """The encoder's raw parameters `[B, 2L, H/8, W/8]`, computed by tiles as `plan` says.
 
     Scratch files go under `$SDVAE_SCRATCH`, else the system's temporary folder; they are unlinked at once.
+    Tiles write into kept maps, which autograd cannot follow: a call that autograd would record is refused.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters())):
+        raise RuntimeError("tiled encoding does not record autograd: run it under torch.no_grad() with frozen "
+                           "weights, or encode untiled (no tile_size, a max_memory that fits) to backpropagate")
+    with torch.no_grad():
+        return _tiled_params(encoder, quant_conv, x, plan)
+
+
+def _tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tensor, plan: TilePlan
+                  ) -> torch.Tensor:
     nodes = encoder_nodes(encoder)
     shapes = output_shapes(nodes, tuple(x.shape))
     maps: dict[int, Activation] = {-1: RamActivation(x)}
@@ -200,8 +211,8 @@ def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tens
     return params if quant_conv is None else quant_conv(params)
 
 
-def _sweep(nodes: list[Node], shapes: dict, maps: dict, stats: dict, p: Pass, out: Activation | None,
-           tile: int) -> Stats | None:
+def _sweep(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation], stats: dict[int, Stats], p: Pass,
+           out: Activation | None, tile: int) -> Stats | None:
     """Pass `p`: every tile of the target's output, written to `out` (if any); returns its statistics if wanted."""
     dtype = maps[-1].dtype
     prologues = {k: affine(nodes[k].norm, stats[k - 1], dtype) for k in p.computed if nodes[k].norm is not None}
@@ -218,8 +229,9 @@ def _sweep(nodes: list[Node], shapes: dict, maps: dict, stats: dict, p: Pass, ou
     return total
 
 
-def _tile(nodes: list[Node], shapes: dict, maps: dict, prologues: dict, computed: tuple[int, ...],
-          region: Region) -> torch.Tensor:
+def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
+          prologues: dict[int, tuple[torch.Tensor, torch.Tensor]], computed: tuple[int, ...], region: Region
+          ) -> torch.Tensor:
     """The last computed node's output on `region`, evaluated from the kept outputs with the halos it needs."""
     needs = {computed[-1]: region}
     for k in reversed(computed):  # every consumer of a node comes after it, so its region is complete here
