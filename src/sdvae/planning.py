@@ -89,9 +89,10 @@ def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
 
 
 def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, plan: TilePlan) -> tuple[int, int]:
-    """Estimated (memory, scratch file) bytes of the tiled encoder at its fullest: the kept outputs alive at each
-    pass, plus the pass's tile temporaries (each computed node's output with its halo, and two input pieces) or
-    the attention's keys, values and score blocks."""
+    """Estimated (memory, scratch file) bytes of the tiled encoder at its fullest: the channels-last copy of the
+    input, the kept outputs alive at each pass, plus the pass's tile temporaries (each computed node's output with
+    its halo, and two input pieces) or the attention's keys, values and score blocks. Measured peaks run 0.1-0.4
+    GiB higher at 1024-4096 px (oneDNN scratchpads, allocator slack, scratch-file copies; bench/README.md)."""
     nodes = encoder_nodes(encoder)
     shapes = output_shapes(nodes, shape)
     live: dict[int, tuple[str, int]] = {}
@@ -116,7 +117,7 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
         files = max(files, sum(size for where, size in live.values() if where == "files"))
         for j in p.free:
             live.pop(j, None)
-    return memory, files
+    return math.prod(shape) * dtype.itemsize + memory, files
 
 
 def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
