@@ -27,6 +27,7 @@ log = logging.getLogger("sdvae")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 AUTO_TILES = (256, 128, 64, 32)  # pixels: the largest run convs at full speed, the smallest bound temporaries
+SLACK_TILES = 6  # first-level tiles of memory the estimate adds for what it does not model (see tiled_peak)
 
 
 def parse_memory(value: int | str) -> int:
@@ -91,10 +92,14 @@ def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
 def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, plan: TilePlan) -> tuple[int, int]:
     """Estimated (memory, scratch file) bytes of the tiled encoder at its fullest: the channels-last copy of the
     input, the kept outputs alive at each pass, plus the pass's tile temporaries (each computed node's output with
-    its halo, and two input pieces) or the attention's keys, values and score blocks. Measured peaks run 0.1-0.4
-    GiB higher at 1024-4096 px (oneDNN scratchpads, allocator slack, scratch-file copies; bench/README.md)."""
+    its halo, and two input pieces) or the attention's keys, values and score blocks; plus SLACK_TILES first-level
+    tiles for what the model leaves out (statistics and read temporaries, allocator slack: measured peaks ran
+    0.15-0.3 GiB over the rest at 1024-4096 px with 256 px tiles, bench/README.md)."""
     nodes = encoder_nodes(encoder)
     shapes = output_shapes(nodes, shape)
+    _, _, height, width = shape
+    first_tile = shape[0] * nodes[0].conv.out_channels * (min(plan.tile, height) + 4) * (min(plan.tile, width) + 4)
+    fixed = (math.prod(shape) + SLACK_TILES * first_tile) * dtype.itemsize  # the input's copy, and the slack
     live: dict[int, tuple[str, int]] = {}
     memory = files = 0
     for p in schedule(nodes, plan.stores):
@@ -113,11 +118,11 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
             temporaries = sum(b * nodes[k].conv.out_channels * pixels[k] for k in p.computed)
             temporaries += 2 * max(b * nodes[k].conv.in_channels * pixels[k] for k in p.computed)
         resident = sum(size for where, size in live.values() if where == "memory")
-        memory = max(memory, resident + temporaries * dtype.itemsize)
+        memory = max(memory, fixed + resident + temporaries * dtype.itemsize)
         files = max(files, sum(size for where, size in live.values() if where == "files"))
         for j in p.free:
             live.pop(j, None)
-    return math.prod(shape) * dtype.itemsize + memory, files
+    return memory, files
 
 
 def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
