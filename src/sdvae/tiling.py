@@ -35,7 +35,8 @@ ATTENTION_BLOCK = 4096  # tokens per query and key block: a 4096 x 4096 float32 
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Tiles of `tile` input pixels a side (halved at each level); `stores[i]`: where stage i keeps its outputs."""
+    """Tiles of `tile` input pixels a side (halved at each level); `stores[i]`: where stage i keeps its outputs,
+    "memory", "files" (scratch files) or "recompute" (only what must be whole, in memory)."""
 
     tile: int
     stores: tuple[str, ...]
