@@ -15,12 +15,15 @@ def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels, eps=GROUP_NORM_EPS)
 
 
+def recording(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd records `module(x)`: then only out-of-place ops, no writes into kept maps."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 def by_bands(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether `module(x)` takes the row-band path of `sdvae.bands`: on the CPU, when autograd does not record it
     and torch.compile is not tracing it (row bands write in place; GPUs and compiled graphs keep whole maps)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not recording(module, x)
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .activations import FileActivation, RamActivation
 from .groupnorm import Stats, affine, group_stats, merge_stats, normalize
-from .layers import Attention
+from .layers import Attention, recording
 
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
@@ -173,7 +173,7 @@ def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tens
     Scratch files go under `$SDVAE_SCRATCH`, else the system's temporary folder; they are unlinked at once.
     Tiles write into kept maps, which autograd cannot follow: a call that autograd would record is refused.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters())):
+    if recording(encoder, x):
         raise RuntimeError("tiled encoding does not record autograd: run it under torch.no_grad() with frozen "
                            "weights, or encode untiled (no tile_size, a max_memory that fits) to backpropagate")
     with torch.no_grad():
