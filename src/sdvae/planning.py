@@ -113,8 +113,8 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
             temporaries = b * (2 * n * c + 2 * min(n, ATTENTION_BLOCK) ** 2 + 4 * min(n, ATTENTION_BLOCK) * c)
         else:  # a tile of each computed node, grown by the halos of the nodes after it (two pixels a conv, at most)
             halo = 2 * len(p.computed)
-            pixels = {k: (min(plan.tile >> nodes[k].level or 1, shapes[k][2]) + halo)
-                      * (min(plan.tile >> nodes[k].level or 1, shapes[k][3]) + halo) for k in p.computed}
+            pixels = {k: (min(plan.side(nodes[k].level), shapes[k][2]) + halo)
+                      * (min(plan.side(nodes[k].level), shapes[k][3]) + halo) for k in p.computed}
             temporaries = sum(b * nodes[k].conv.out_channels * pixels[k] for k in p.computed)
             temporaries += 2 * max(b * nodes[k].conv.in_channels * pixels[k] for k in p.computed)
         resident = sum(size for where, size in live.values() if where == "memory")

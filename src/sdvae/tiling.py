@@ -41,6 +41,10 @@ class TilePlan:
     tile: int
     stores: tuple[str, ...]
 
+    def side(self, level: int) -> int:
+        """Tile side in pixels at a resolution level."""
+        return max(1, self.tile >> level)
+
 
 @dataclass(frozen=True)
 class Node:
@@ -199,9 +203,9 @@ def _tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Ten
         if node.attention is not None:
             tiled_attention(node.attention, out, stats[t - 1])
             if p.stats:
-                stats[t] = whole_map_stats(out, nodes[t + 1].norm.num_groups, plan.tile >> node.level)
+                stats[t] = whole_map_stats(out, nodes[t + 1].norm.num_groups, plan.side(node.level))
         else:
-            stats[t] = _sweep(nodes, shapes, maps, stats, p, out, max(1, plan.tile >> node.level))
+            stats[t] = _sweep(nodes, shapes, maps, stats, p, out, plan.side(node.level))
         if p.into is not None:
             del maps[p.into]
         if out is not None:
@@ -280,7 +284,7 @@ def _padded_buffer(piece: torch.Tensor, border: tuple[int, int, int, int]) -> tu
 def whole_map_stats(x: Activation, groups: int, tile: int) -> Stats:
     """Per-sample, per-group statistics of the whole map `x`, accumulated over bands of `tile` rows."""
     total = None
-    for r0, r1 in spans(x.shape[2], max(1, tile)):
+    for r0, r1 in spans(x.shape[2], tile):
         stats = group_stats(x.read(slice(r0, r1), slice(None)), groups)
         total = stats if total is None else merge_stats(total, stats)
     return total
