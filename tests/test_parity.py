@@ -101,10 +101,14 @@ def test_group_norm_statistics_hold_on_large_offset_maps():
 @pytest.mark.parametrize("band_pixels", [1, 150])  # one row per band; bands of a few rows that do not divide H
 @pytest.mark.parametrize("batch", [1, 2])
 def test_resnets_by_row_bands_match_diffusers(family, band_pixels, batch, monkeypatch):
-    """Inference runs each resnet by row bands (sdvae.bands): halos, band edges and the in-place residual."""
+    """Inference runs each resnet by row bands (sdvae.bands): halos, band edges and the in-place residual; float32
+    convs through Winograd (sdvae.winograd) in pieces of two rows."""
     import sdvae.bands
+    import sdvae.winograd
 
     monkeypatch.setattr(sdvae.bands, "BAND_PIXELS", band_pixels)
+    monkeypatch.setattr(sdvae.winograd, "MIN_WORK", 1)
+    monkeypatch.setattr(sdvae.winograd, "WORKSPACE_BYTES", 1)
     config = VaeConfig.preset(family).replace(norm_num_groups=8, block_out_channels=(16, 32, 32, 32))
     ref = reference_vae(config, dtype=torch.float64)
     enc, dec = VaeEncoder(config).double(), VaeDecoder(config).double()

@@ -1,0 +1,137 @@
+"""Winograd's F(2x2, 3x3): a 3x3 convolution in 2.25x fewer multiplications, for float32 on the CPU.
+
+Each 2x2 output tile is `A^T [(G w G^T) * (B^T d B)] A`, d the 4x4 input tile around it (stride 2). Summed over
+input channels, the 16 elementwise products become 16 matrix products `[tiles, C_in] @ [C_in, C_out]`, one batched
+GEMM, so the multiplications drop from 9 to 4 per output value. The transforms B and A take sums and differences
+only, G halves: the result is as close to the float64 convolution as oneDNN's direct one (closer, measured: 7e-7
+against 3e-6 relative for a 512-channel conv). In the encoder, its 512-channel convs take 0.64x and its
+256-channel convs 0.77x of oneDNN's direct time (`bench/README.md`); at 128 channels the transforms cost what the
+GEMMs save, so those stay direct. A band goes through in pieces of a few rows, so the transformed tiles are still
+in cache when the GEMM reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# G of F(2x2, 3x3), the kernel transform: rows of 4 from columns of 3.
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+WORKSPACE_BYTES = 32 << 20  # the transformed tiles and products of one piece of a band
+MIN_WORK = 128 * 256  # C_in x C_out below which the GEMMs are too small to gain (128 x 128 is break-even)
+
+
+def suits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv` on `x` runs faster here than directly: a float32 CPU 3x3 conv of stride 1, wide enough."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.in_channels * conv.out_channels >= MIN_WORK)
+
+
+def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """`G w G^T` for each (output, input) channel pair of `weight` `[C_out, C_in, 3, 3]`: `[16, C_in, C_out]`,
+    a transposed view of `[16, C_out, C_in]` (the GEMM reads it as such at full speed)."""
+    c_out, c_in = weight.shape[:2]
+    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
+    taps = weight.permute(0, 2, 3, 1).reshape(c_out, 9, c_in)  # a view of channels-last weights
+    kernel = weight.new_empty(16, c_out, c_in)
+    torch.matmul(torch.kron(g, g), taps, out=kernel.permute(1, 0, 2))  # per output channel: [16, 9] @ [9, C_in]
+    return kernel.transpose(1, 2)
+
+
+class Workspace:
+    """One growing buffer, carved into views: the scratch of the Winograd convs that run one after another."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def views(self, shapes: list[tuple[int, ...]], like: torch.Tensor) -> list[torch.Tensor]:
+        sizes = [torch.Size(shape).numel() for shape in shapes]
+        if self.buffer is None or self.buffer.numel() < sum(sizes):
+            self.buffer = like.new_empty(sum(sizes))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [self.buffer[s:s + n].view(shape) for s, n, shape in zip(starts, sizes, shapes)]
+
+
+class Conv3x3:
+    """`run(x, out, add)`: one 3x3 conv of stride 1 over bands `x` `[1, C_in, R + 2, W + 2]` that hold their zero
+    padding, into `out` `[1, C_out, R, W]` (`out +=` with `add`), channels-last. The kernel is transformed once,
+    here; the workspace may be shared with convs that run before or after."""
+
+    def __init__(self, conv: nn.Conv2d, workspace: Workspace):
+        self.kernel = transform_kernel(conv.weight.detach())
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        self.workspace = workspace
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
+        c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
+        per_row = 6 * (c_in + c_out) * (width + 1) * x.element_size()  # workspace per output row
+        step = max(2, WORKSPACE_BYTES // per_row // 2 * 2)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            self._piece(x[:, :, r0:r1 + 2], out[:, :, r0:r1], add)
+
+    def _piece(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
+        """Output rows from their input rows; an odd height or width goes through zero-extended copies."""
+        (c_in, _, _), (c_out, rows, width) = x.shape[1:], out.shape[1:]
+        h, w = (rows + 1) // 2, (width + 1) // 2  # tiles down and across
+        odd = bool(rows % 2 or width % 2)
+        shapes = [(4, h, 2 * w + 2, c_in), (16, h * w, c_in), (16, h * w, c_out), (4, 2, h, w, c_out)]
+        if odd:
+            shapes += [(2 * h + 2, 2 * w + 2, c_in), (2 * h, 2 * w, c_out)]
+        across, tiles, products, half, *extended = self.workspace.views(shapes, self.kernel)
+        d = x[0].permute(1, 2, 0)  # [rows, columns, C_in]: each pixel's channels contiguous
+        if odd:
+            d = _extend(d, extended[0])
+        # B^T d B: along rows into `across` [4, h, columns, C_in], then along columns into `tiles`.
+        _transform_input(d, across, h)
+        v = tiles.view(4, 4, h, w, c_in)
+        for a in range(4):
+            _transform_input(across[a].transpose(0, 1), v[a].transpose(1, 2), w)
+        torch.bmm(tiles, self.kernel, out=products)
+        if self.bias is not None:
+            products[5] += self.bias  # m[1][1] reaches each output of its tile once: the bias enters once
+        # A^T m A: along columns into `half` [4, 2, h, w, C_out], then along rows into the output.
+        m = products.view(4, 4, h, w, c_out)
+        for a in range(4):
+            _transform_output(m[a], half[a], add=False)
+        y = (extended[1] if odd else out[0].permute(1, 2, 0)).view(h, 2, w, 2, c_out)
+        y = y.permute(1, 0, 2, 3, 4)  # [row in tile, h, w, column in tile, C_out]
+        for c in range(2):
+            _transform_output(half[:, c], y[..., c, :], add=add and not odd)
+        if odd:
+            target, result = out[0].permute(1, 2, 0), extended[1][:rows, :width]
+            if add:
+                target.add_(result)
+            else:
+                target.copy_(result)
+
+
+def _extend(d: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """`d` in the top-left corner of `into`, zeros elsewhere."""
+    into.zero_()[:d.shape[0], :d.shape[1]] = d
+    return into
+
+
+def _transform_input(d: torch.Tensor, out: torch.Tensor, n: int) -> None:
+    """`out = B^T d` along d's first axis, for `n` tiles of 4 at stride 2 (B^T's rows: d0 - d2, d1 + d2,
+    d2 - d1, d1 - d3)."""
+    d0, d1, d2, d3 = (d[k:k + 2 * n:2] for k in range(4))
+    torch.sub(d0, d2, out=out[0])
+    torch.add(d1, d2, out=out[1])
+    torch.sub(d2, d1, out=out[2])
+    torch.sub(d1, d3, out=out[3])
+
+
+def _transform_output(m: torch.Tensor, out: torch.Tensor, add: bool) -> None:
+    """`out = A^T m` (`out += A^T m` with `add`) along m's first axis (A^T's rows: m0 + m1 + m2, m1 - m2 - m3)."""
+    if add:
+        out[0] += m[0]
+        out[0] += m[1]
+        out[1] += m[1]
+        out[1] -= m[2]
+    else:
+        torch.add(m[0], m[1], out=out[0])
+        torch.sub(m[1], m[2], out=out[1])
+    out[0] += m[2]
+    out[1] -= m[3]

@@ -1,0 +1,74 @@
+"""Winograd's F(2x2, 3x3) (sdvae.winograd) against the float64 convolution: bands, pieces, odd sizes, sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reference import rel_err
+from sdvae import winograd
+from sdvae.bands import conv_into
+
+
+def padded_band(channels: int, rows: int, width: int, seed: int) -> torch.Tensor:
+    """`[1, C, rows + 2, width + 2]` channels-last: a band that holds its halo and zero padding, as resnets pass."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, channels, rows + 2, width + 2, generator=g) + 0.5
+    x[..., 0] = x[..., -1] = 0
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def test_kernel_transform_is_g_w_g_transposed():
+    g = torch.tensor(winograd._G, dtype=torch.float64)
+    w = torch.randn(5, 7, 3, 3, dtype=torch.float64)
+    want = torch.stack([g @ w[o, i] @ g.T for o in range(5) for i in range(7)]).view(5, 7, 16).permute(2, 1, 0)
+    for weight in (w, w.contiguous(memory_format=torch.channels_last)):
+        assert torch.allclose(winograd.transform_kernel(weight), want, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("rows,width", [(8, 16), (7, 13), (1, 1), (33, 6), (6, 5)])  # odd heights and widths
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("piece_bytes", [1, 1 << 20])  # pieces of two output rows; the band in one piece
+def test_conv3x3_equals_the_float64_convolution(rows, width, add, piece_bytes, monkeypatch):
+    monkeypatch.setattr(winograd, "WORKSPACE_BYTES", piece_bytes)
+    conv = nn.Conv2d(48, 40, 3, padding=1).requires_grad_(False)
+    x = padded_band(48, rows, width, seed=rows * width)
+    out = torch.randn(1, 40, rows, width).contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double()) + (out.double() if add else 0)
+    direct = out.clone()
+    winograd.Conv3x3(conv, winograd.Workspace())(x, out, add)
+    conv_into(conv, x, direct, add)
+    assert rel_err(out, want) <= 1e-6  # float32 rounding: 2-4e-7 measured
+    assert rel_err(out, want) <= 1.5 * rel_err(direct, want)  # as close as oneDNN's direct convolution
+
+
+def test_conv3x3_without_bias_writes_only_its_rows():
+    conv = nn.Conv2d(16, 24, 3, padding=1, bias=False).requires_grad_(False)
+    x = padded_band(16, 5, 9, seed=3)
+    out = torch.full((1, 24, 9, 9), 7.0).contiguous(memory_format=torch.channels_last)
+    winograd.Conv3x3(conv, winograd.Workspace())(x, out[:, :, 2:7], add=False)
+    assert rel_err(out[:, :, 2:7], F.conv2d(x.double(), conv.weight.double())) <= 1e-6
+    assert (out[:, :, :2] == 7).all() and (out[:, :, 7:] == 7).all()
+
+
+def test_convs_sharing_a_workspace_do_not_disturb_each_other():
+    workspace = winograd.Workspace()
+    small, large = nn.Conv2d(8, 8, 3).requires_grad_(False), nn.Conv2d(32, 16, 3).requires_grad_(False)
+    runs = [winograd.Conv3x3(small, workspace), winograd.Conv3x3(large, workspace)]
+    for conv, run, rows in ((small, runs[0], 4), (large, runs[1], 10), (small, runs[0], 6)):
+        x = padded_band(conv.in_channels, rows, 12, seed=rows)
+        out = torch.empty(1, conv.out_channels, rows, 12).contiguous(memory_format=torch.channels_last)
+        run(x, out, add=False)
+        assert rel_err(out, F.conv2d(x.double(), conv.weight.double(), conv.bias.double())) <= 1e-6
+
+
+def test_winograd_takes_the_wide_float32_cpu_convs_only():
+    x32, x64, x16 = torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bfloat16)
+    wide = nn.Conv2d(256, 256, 3, padding=1)
+    assert winograd.suits(wide, x32) and winograd.suits(nn.Conv2d(128, 256, 3, padding=1), x32)
+    assert not winograd.suits(wide, x64) and not winograd.suits(wide, x16)
+    assert not winograd.suits(nn.Conv2d(128, 128, 3, padding=1), x32)  # break-even: oneDNN's direct conv
+    assert not winograd.suits(nn.Conv2d(256, 256, 3, stride=2), x32)
+    assert not winograd.suits(nn.Conv2d(256, 256, 1), x32)
