@@ -12,12 +12,16 @@ from sdvae import winograd
 from sdvae.bands import conv_into
 
 
-def padded_band(channels: int, rows: int, width: int, seed: int) -> torch.Tensor:
-    """`[1, C, rows + 2, width + 2]` channels-last: a band that holds its halo and zero padding, as resnets pass."""
+def band(channels: int, rows: int, width: int, seed: int) -> torch.Tensor:
+    """`[1, C, rows + 2, width]` channels-last: a band with its halo rows, as resnets pass them."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, channels, rows + 2, width + 2, generator=g) + 0.5
-    x[..., 0] = x[..., -1] = 0
-    return x.contiguous(memory_format=torch.channels_last)
+    return (torch.randn(1, channels, rows + 2, width, generator=g) + 0.5).contiguous(memory_format=torch.channels_last)
+
+
+def conv64(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The float64 reference: padding 1 on the columns only (the band holds its rows)."""
+    bias = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(x.double(), conv.weight.double(), bias, padding=(0, 1))
 
 
 def test_kernel_transform_is_g_w_g_transposed():
@@ -34,9 +38,9 @@ def test_kernel_transform_is_g_w_g_transposed():
 def test_conv3x3_equals_the_float64_convolution(rows, width, add, piece_bytes, monkeypatch):
     monkeypatch.setattr(winograd, "WORKSPACE_BYTES", piece_bytes)
     conv = nn.Conv2d(48, 40, 3, padding=1).requires_grad_(False)
-    x = padded_band(48, rows, width, seed=rows * width)
+    x = band(48, rows, width, seed=rows * width)
     out = torch.randn(1, 40, rows, width).contiguous(memory_format=torch.channels_last)
-    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double()) + (out.double() if add else 0)
+    want = conv64(x, conv) + (out.double() if add else 0)
     direct = out.clone()
     winograd.Conv3x3(conv, winograd.Workspace())(x, out, add)
     conv_into(conv, x, direct, add)
@@ -46,22 +50,22 @@ def test_conv3x3_equals_the_float64_convolution(rows, width, add, piece_bytes, m
 
 def test_conv3x3_without_bias_writes_only_its_rows():
     conv = nn.Conv2d(16, 24, 3, padding=1, bias=False).requires_grad_(False)
-    x = padded_band(16, 5, 9, seed=3)
+    x = band(16, 5, 9, seed=3)
     out = torch.full((1, 24, 9, 9), 7.0).contiguous(memory_format=torch.channels_last)
     winograd.Conv3x3(conv, winograd.Workspace())(x, out[:, :, 2:7], add=False)
-    assert rel_err(out[:, :, 2:7], F.conv2d(x.double(), conv.weight.double())) <= 1e-6
+    assert rel_err(out[:, :, 2:7], conv64(x, conv)) <= 1e-6
     assert (out[:, :, :2] == 7).all() and (out[:, :, 7:] == 7).all()
 
 
 def test_convs_sharing_a_workspace_do_not_disturb_each_other():
     workspace = winograd.Workspace()
-    small, large = nn.Conv2d(8, 8, 3).requires_grad_(False), nn.Conv2d(32, 16, 3).requires_grad_(False)
+    small, large = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False), nn.Conv2d(32, 16, 3, padding=1).requires_grad_(False)
     runs = [winograd.Conv3x3(small, workspace), winograd.Conv3x3(large, workspace)]
     for conv, run, rows in ((small, runs[0], 4), (large, runs[1], 10), (small, runs[0], 6)):
-        x = padded_band(conv.in_channels, rows, 12, seed=rows)
+        x = band(conv.in_channels, rows, 12, seed=rows)
         out = torch.empty(1, conv.out_channels, rows, 12).contiguous(memory_format=torch.channels_last)
         run(x, out, add=False)
-        assert rel_err(out, F.conv2d(x.double(), conv.weight.double(), conv.bias.double())) <= 1e-6
+        assert rel_err(out, conv64(x, conv)) <= 1e-6
 
 
 def test_winograd_takes_the_wide_float32_cpu_convs_only():

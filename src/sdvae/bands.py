@@ -4,9 +4,9 @@ Run whole, `x + conv2(silu(norm2(conv1(silu(norm1(x))))))` holds x, its normaliz
 conv2's output: four maps the size of x. Here each conv runs one band of output rows of one sample at a time,
 reading a small buffer that holds its normalized input rows (one halo row above and below, zeros at the image's
 edges) and writing straight into its output map; conv2 adds into x in place. So x and conv1's output are the only
-full-size maps, and each buffer is still in cache when the conv reads it. The buffer holds the zero padding too,
-so in float32 the wide convs can run as Winograd's F(2x2, 3x3) (`sdvae.winograd`), the rest through oneDNN. The
-GroupNorms use whole-map statistics (`sdvae.groupnorm`): the result equals the whole-map computation.
+full-size maps, and each buffer is still in cache when the conv reads it. In float32 the wide convs run as
+Winograd's F(2x2, 3x3) (`sdvae.winograd`), the rest through oneDNN. The GroupNorms use whole-map statistics
+(`sdvae.groupnorm`): the result equals the whole-map computation.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ def band_spans(height: int, width: int) -> list[tuple[int, int]]:
 
 
 def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
-    """`out = conv(x)`, or `out += conv(x)` with `add`, unpadded: `x` holds any padding and halo.
+    """`out = conv(x)`, or `out += conv(x)` with `add`, the conv padding only the columns (x holds any row halo).
 
     On the CPU the result goes straight into `out` inside oneDNN's convolution (its fused sum): no output to
     allocate and copy, no separate pass for the residual add, and a half-precision sum rounded once, not twice.
     """
-    padding = (0, 0)
+    padding = (0, conv.padding[1])
     if x.device.type == "cpu" and x.dtype in FUSED_DTYPES and torch.backends.mkldnn.is_available():
         if not add:
             out.zero_()
@@ -49,8 +49,8 @@ def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) ->
 
 
 def conv3x3_runners(convs: Iterable[nn.Conv2d], x: torch.Tensor) -> list[Callable[..., None]]:
-    """`run(band, out, add)` for each 3x3 conv of a resnet, over bands that hold their padding: Winograd's
-    F(2x2, 3x3) where it is faster (`sdvae.winograd`: float32, wide convs), sharing one workspace; else oneDNN's."""
+    """`run(band, out, add)` for each 3x3 conv of a resnet, as `conv_into` takes them: Winograd's F(2x2, 3x3)
+    where it is faster (`sdvae.winograd`: float32, wide convs), sharing one workspace; else oneDNN's."""
     workspace = winograd.Workspace()
     return [winograd.Conv3x3(conv, workspace) if winograd.suits(conv, x)
             else (lambda band, out, add, conv=conv: conv_into(conv, band, out, add)) for conv in convs]
@@ -71,7 +71,7 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     spans = [(i, r0, r1) for i in range(b) for r0, r1 in band_spans(h, w)]
     rows = spans[0][2] - spans[0][1]
     new = dict(dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    scratch = torch.empty((rows + 2) * (w + 2) * max(c, block.conv2.in_channels), dtype=x.dtype, device=x.device)
+    scratch = torch.empty((rows + 2) * w * max(c, block.conv2.in_channels), dtype=x.dtype, device=x.device)
     run1, run2 = conv3x3_runners((block.conv1, block.conv2), x)
 
     def norm_conv(run: Callable, source: torch.Tensor, norm: Callable, out: torch.Tensor, i: int, r0: int,
@@ -79,11 +79,9 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Rows [r0, r1) of sample i of `conv(norm(source))` into `out` (a 3x3 conv, padding 1)."""
         top, bottom = max(r0 - 1, 0), min(r1 + 1, h)
         channels, length = source.shape[1], r1 - r0 + 2
-        band = scratch[:length * (w + 2) * channels].view(1, length, w + 2, channels).permute(0, 3, 1, 2)
-        band[:, :, :, 0].zero_()
-        band[:, :, :, w + 1].zero_()
+        band = scratch[:length * w * channels].view(1, length, w, channels).permute(0, 3, 1, 2)  # channels-last
         band[:, :, :top - (r0 - 1)].zero_()
-        norm(i, source[i:i + 1, :, top:bottom], band[:, :, top - (r0 - 1):bottom - (r0 - 1), 1:w + 1])
+        norm(i, source[i:i + 1, :, top:bottom], band[:, :, top - (r0 - 1):bottom - (r0 - 1)])
         band[:, :, bottom - (r0 - 1):].zero_()
         run(band, out[i:i + 1, :, r0:r1], add)
 

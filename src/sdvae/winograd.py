@@ -54,9 +54,10 @@ class Workspace:
 
 
 class Conv3x3:
-    """`run(x, out, add)`: one 3x3 conv of stride 1 over bands `x` `[1, C_in, R + 2, W + 2]` that hold their zero
-    padding, into `out` `[1, C_out, R, W]` (`out +=` with `add`), channels-last. The kernel is transformed once,
-    here; the workspace may be shared with convs that run before or after."""
+    """`run(x, out, add)`: one 3x3 conv of stride 1, padding 1, over a band `x` `[1, C_in, R + 2, W]` that holds its
+    halo rows (zero rows at the image's edges), into `out` `[1, C_out, R, W]` (`out +=` with `add`), channels-last:
+    what `sdvae.bands.conv_into` takes. The kernel is transformed once, here; the workspace may be shared with convs
+    that run before or after."""
 
     def __init__(self, conv: nn.Conv2d, workspace: Workspace):
         self.kernel = transform_kernel(conv.weight.detach())
@@ -65,26 +66,29 @@ class Conv3x3:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
         c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
-        per_row = 6 * (c_in + c_out) * (width + 1) * x.element_size()  # workspace per output row
+        per_row = 6 * (c_in + c_out) * (width + 3) * x.element_size()  # workspace per output row
         step = max(2, WORKSPACE_BYTES // per_row // 2 * 2)
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
             self._piece(x[:, :, r0:r1 + 2], out[:, :, r0:r1], add)
 
     def _piece(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
-        """Output rows from their input rows; an odd height or width goes through zero-extended copies."""
+        """Output rows from their input rows; an odd height or width goes through zero-extended buffers."""
         (c_in, _, _), (c_out, rows, width) = x.shape[1:], out.shape[1:]
         h, w = (rows + 1) // 2, (width + 1) // 2  # tiles down and across
-        odd = bool(rows % 2 or width % 2)
         shapes = [(4, h, 2 * w + 2, c_in), (16, h * w, c_in), (16, h * w, c_out), (4, 2, h, w, c_out)]
-        if odd:
-            shapes += [(2 * h + 2, 2 * w + 2, c_in), (2 * h, 2 * w, c_out)]
+        if rows % 2:
+            shapes.append((2 * h + 2, width, c_in))
+        if rows % 2 or width % 2:
+            shapes.append((2 * h, 2 * w, c_out))
         across, tiles, products, half, *extended = self.workspace.views(shapes, self.kernel)
         d = x[0].permute(1, 2, 0)  # [rows, columns, C_in]: each pixel's channels contiguous
-        if odd:
-            d = _extend(d, extended[0])
-        # B^T d B: along rows into `across` [4, h, columns, C_in], then along columns into `tiles`.
-        _transform_input(d, across, h)
+        if rows % 2:  # the last tile reads one zero row below the band
+            d = _extend(d, extended.pop(0))
+        # B^T d B: along rows into `across` [4, h, columns with their zero padding, C_in], then along columns.
+        across[:, :, 0].zero_()
+        across[:, :, width + 1:].zero_()
+        _transform_input(d, across[:, :, 1:width + 1], h)
         v = tiles.view(4, 4, h, w, c_in)
         for a in range(4):
             _transform_input(across[a].transpose(0, 1), v[a].transpose(1, 2), w)
@@ -95,12 +99,12 @@ class Conv3x3:
         m = products.view(4, 4, h, w, c_out)
         for a in range(4):
             _transform_output(m[a], half[a], add=False)
-        y = (extended[1] if odd else out[0].permute(1, 2, 0)).view(h, 2, w, 2, c_out)
-        y = y.permute(1, 0, 2, 3, 4)  # [row in tile, h, w, column in tile, C_out]
+        y = extended[0] if extended else out[0].permute(1, 2, 0)
+        y = y.view(h, 2, w, 2, c_out).permute(1, 0, 2, 3, 4)  # [row in tile, h, w, column in tile, C_out]
         for c in range(2):
-            _transform_output(half[:, c], y[..., c, :], add=add and not odd)
-        if odd:
-            target, result = out[0].permute(1, 2, 0), extended[1][:rows, :width]
+            _transform_output(half[:, c], y[..., c, :], add=add and not extended)
+        if extended:
+            target, result = out[0].permute(1, 2, 0), extended[0][:rows, :width]
             if add:
                 target.add_(result)
             else:
