@@ -57,7 +57,10 @@ def test_conv3x3_without_bias_writes_only_its_rows():
     assert (out[:, :, :2] == 7).all() and (out[:, :, 7:] == 7).all()
 
 
-def test_convs_sharing_a_workspace_do_not_disturb_each_other():
+@pytest.mark.parametrize("reserve", [0, winograd.Workspace.RESERVE])  # grown for the larger conv; reserved
+def test_convs_sharing_a_workspace_do_not_disturb_each_other(reserve, monkeypatch):
+    """Each conv's kernel is transformed again when another ran since, or when the workspace had to grow."""
+    monkeypatch.setattr(winograd.Workspace, "RESERVE", reserve)
     workspace = winograd.Workspace()
     small, large = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False), nn.Conv2d(32, 16, 3, padding=1).requires_grad_(False)
     runs = [winograd.Conv3x3(small, workspace), winograd.Conv3x3(large, workspace)]
@@ -69,10 +72,19 @@ def test_convs_sharing_a_workspace_do_not_disturb_each_other():
 
 
 def test_winograd_takes_the_wide_float32_cpu_convs_only():
-    x32, x64, x16 = torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
     wide = nn.Conv2d(256, 256, 3, padding=1)
-    assert winograd.suits(wide, x32) and winograd.suits(nn.Conv2d(128, 256, 3, padding=1), x32)
-    assert not winograd.suits(wide, x64) and not winograd.suits(wide, x16)
-    assert not winograd.suits(nn.Conv2d(128, 128, 3, padding=1), x32)  # break-even: oneDNN's direct conv
-    assert not winograd.suits(nn.Conv2d(256, 256, 3, stride=2), x32)
-    assert not winograd.suits(nn.Conv2d(256, 256, 1), x32)
+    assert winograd.suits(wide, torch.float32, cpu) and winograd.suits(nn.Conv2d(128, 256, 3), torch.float32, cpu)
+    assert not winograd.suits(wide, torch.float64, cpu) and not winograd.suits(wide, torch.bfloat16, cpu)
+    assert not winograd.suits(wide, torch.float32, torch.device("meta"))
+    assert not winograd.suits(nn.Conv2d(128, 128, 3), torch.float32, cpu)  # break-even: oneDNN's direct conv
+    assert not winograd.suits(nn.Conv2d(256, 256, 3, stride=2), torch.float32, cpu)
+    assert not winograd.suits(nn.Conv2d(256, 256, 1), torch.float32, cpu)
+
+
+def test_a_scope_shares_one_workspace_and_frees_it():
+    assert winograd.shared() is not winograd.shared()  # outside a scope: a new one each time
+    with winograd.scope():
+        inner = winograd.shared()
+        assert winograd.shared() is inner
+    assert winograd.shared() is not inner

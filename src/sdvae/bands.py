@@ -50,9 +50,9 @@ def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) ->
 
 def conv3x3_runners(convs: Iterable[nn.Conv2d], x: torch.Tensor) -> list[Callable[..., None]]:
     """`run(band, out, add)` for each 3x3 conv of a resnet, as `conv_into` takes them: Winograd's F(2x2, 3x3)
-    where it is faster (`sdvae.winograd`: float32, wide convs), sharing one workspace; else oneDNN's."""
-    workspace = winograd.Workspace()
-    return [winograd.Conv3x3(conv, workspace) if winograd.suits(conv, x)
+    where it is faster (`sdvae.winograd`: float32, wide convs), in the forward pass's workspace; else oneDNN's."""
+    workspace = winograd.shared()
+    return [winograd.Conv3x3(conv, workspace) if winograd.suits(conv, x.dtype, x.device)
             else (lambda band, out, add, conv=conv: conv_into(conv, band, out, add)) for conv in convs]
 
 

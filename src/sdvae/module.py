@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import winograd
 from .config import VaeConfig
 from .weights import DropReport, convert_state_dict
 
@@ -44,7 +45,8 @@ class VaeModule(nn.Module):
         raise NotImplementedError
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return self._network(x) if self._compiled is None else self._compiled(x)
+        with winograd.scope():
+            return self._network(x) if self._compiled is None else self._compiled(x)
 
     def compile(self, **options: Any) -> VaeModule:
         """Run the network through `torch.compile(**options)` from now on; returns the module.

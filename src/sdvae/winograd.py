@@ -12,6 +12,10 @@ in cache when the GEMM reads them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
@@ -21,46 +25,81 @@ WORKSPACE_BYTES = 32 << 20  # the transformed tiles and products of one piece of
 MIN_WORK = 128 * 256  # C_in x C_out below which the GEMMs are too small to gain (128 x 128 is break-even)
 
 
-def suits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv` on `x` runs faster here than directly: a float32 CPU 3x3 conv of stride 1, wide enough."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.kernel_size == (3, 3)
+def suits(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `conv` runs faster here than directly: a float32 CPU 3x3 conv of stride 1, wide enough."""
+    return (device.type == "cpu" and dtype == torch.float32 and conv.kernel_size == (3, 3)
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.in_channels * conv.out_channels >= MIN_WORK)
 
 
-def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """`G w G^T` for each (output, input) channel pair of `weight` `[C_out, C_in, 3, 3]`: `[16, C_in, C_out]`,
-    a transposed view of `[16, C_out, C_in]` (the GEMM reads it as such at full speed)."""
+def transform_kernel(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`G w G^T` for each (output, input) channel pair of `weight` `[C_out, C_in, 3, 3]`: `[16, C_in, C_out]`, a
+    transposed view of `[16, C_out, C_in]` (the GEMM reads it so at full speed), in `out`'s storage if given."""
     c_out, c_in = weight.shape[:2]
     g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
     taps = weight.permute(0, 2, 3, 1).reshape(c_out, 9, c_in)  # a view of channels-last weights
-    kernel = weight.new_empty(16, c_out, c_in)
+    kernel = (weight.new_empty(16 * c_out * c_in) if out is None else out).view(16, c_out, c_in)
     torch.matmul(torch.kron(g, g), taps, out=kernel.permute(1, 0, 2))  # per output channel: [16, 9] @ [9, C_in]
     return kernel.transpose(1, 2)
 
 
 class Workspace:
-    """One growing buffer, carved into views: the scratch of the Winograd convs that run one after another."""
+    """The memory of Winograd convs that run one after another: the transformed kernel of the conv that ran last
+    (transformed again when another ran since), then the buffers of one piece, in one allocation that only grows.
+
+    One workspace serves a whole forward pass (`scope`): no large buffer is allocated and freed per block. It
+    reserves at least RESERVE bytes, of which only the pages used become resident: glibc serves so large a block
+    from mmap and returns it at once, rather than raising its mmap threshold and keeping freed heap memory.
+    """
+
+    RESERVE = 64 << 20
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
+        self.kernel_of: nn.Conv2d | None = None
 
-    def views(self, shapes: list[tuple[int, ...]], like: torch.Tensor) -> list[torch.Tensor]:
-        sizes = [torch.Size(shape).numel() for shape in shapes]
-        if self.buffer is None or self.buffer.numel() < sum(sizes):
-            self.buffer = like.new_empty(sum(sizes))
+    def take(self, conv: nn.Conv2d, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`conv`'s transformed kernel and views of the given shapes, all in this workspace."""
+        weight = conv.weight.detach()
+        sizes = [16 * weight.shape[0] * weight.shape[1]] + [torch.Size(shape).numel() for shape in shapes]
+        if self.buffer is None or self.buffer.numel() < sum(sizes) or self.buffer.dtype != weight.dtype:
+            reserve = max(sum(sizes), self.RESERVE // weight.element_size())
+            self.buffer, self.kernel_of = weight.new_empty(reserve), None
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [self.buffer[s:s + n].view(shape) for s, n, shape in zip(starts, sizes, shapes)]
+        kernel, *views = (self.buffer[s:s + n] for s, n in zip(starts, sizes))
+        if self.kernel_of is not conv:
+            transform_kernel(weight, out=kernel)
+            self.kernel_of = conv
+        c_out, c_in = weight.shape[:2]
+        return kernel.view(16, c_out, c_in).transpose(1, 2), [v.view(shape) for v, shape in zip(views, shapes)]
+
+
+_SCOPED: ContextVar[Workspace | None] = ContextVar("sdvae_winograd_workspace", default=None)
+
+
+@contextmanager
+def scope() -> Iterator[None]:
+    """One workspace for the Winograd convs run inside (one forward pass), freed at the end."""
+    token = _SCOPED.set(Workspace())
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+
+
+def shared() -> Workspace:
+    """The workspace of the enclosing `scope`, else a new one."""
+    return _SCOPED.get() or Workspace()
 
 
 class Conv3x3:
     """`run(x, out, add)`: one 3x3 conv of stride 1, padding 1, over a band `x` `[1, C_in, R + 2, W]` that holds its
     halo rows (zero rows at the image's edges), into `out` `[1, C_out, R, W]` (`out +=` with `add`), channels-last:
-    what `sdvae.bands.conv_into` takes. The kernel is transformed once, here; the workspace may be shared with convs
-    that run before or after."""
+    what `sdvae.bands.conv_into` takes. Convs sharing a workspace should run one after another: each switch
+    transforms the kernel again."""
 
     def __init__(self, conv: nn.Conv2d, workspace: Workspace):
-        self.kernel = transform_kernel(conv.weight.detach())
+        self.conv = conv
         self.bias = conv.bias.detach() if conv.bias is not None else None
         self.workspace = workspace
 
@@ -74,14 +113,14 @@ class Conv3x3:
 
     def _piece(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
         """Output rows from their input rows; an odd height or width goes through zero-extended buffers."""
-        (c_in, _, _), (c_out, rows, width) = x.shape[1:], out.shape[1:]
+        c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
         h, w = (rows + 1) // 2, (width + 1) // 2  # tiles down and across
         shapes = [(4, h, 2 * w + 2, c_in), (16, h * w, c_in), (16, h * w, c_out), (4, 2, h, w, c_out)]
         if rows % 2:
             shapes.append((2 * h + 2, width, c_in))
         if rows % 2 or width % 2:
             shapes.append((2 * h, 2 * w, c_out))
-        across, tiles, products, half, *extended = self.workspace.views(shapes, self.kernel)
+        kernel, (across, tiles, products, half, *extended) = self.workspace.take(self.conv, shapes)
         d = x[0].permute(1, 2, 0)  # [rows, columns, C_in]: each pixel's channels contiguous
         if rows % 2:  # the last tile reads one zero row below the band
             d = _extend(d, extended.pop(0))
@@ -92,7 +131,7 @@ class Conv3x3:
         v = tiles.view(4, 4, h, w, c_in)
         for a in range(4):
             _transform_input(across[a].transpose(0, 1), v[a].transpose(1, 2), w)
-        torch.bmm(tiles, self.kernel, out=products)
+        torch.bmm(tiles, kernel, out=products)
         if self.bias is not None:
             products[5] += self.bias  # m[1][1] reaches each output of its tile once: the bias enters once
         # A^T m A: along columns into `half` [4, 2, h, w, C_out], then along rows into the output.
