@@ -62,8 +62,8 @@ def test_gradients_still_flow_through_the_encoder():
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("band_pixels", [None, 300])  # default bands; bands of two rows at 128 px
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+# default bands, and bands of two rows at 128 px
+@pytest.mark.parametrize("family,band_pixels", [("sd15", None), ("sd15", 300), ("sd3", None)])
 def test_bfloat16_fast_path_is_as_close_to_float32_as_diffusers_bfloat16(family, band_pixels, monkeypatch):
     import sdvae.bands
 
@@ -76,7 +76,10 @@ def test_bfloat16_fast_path_is_as_close_to_float32_as_diffusers_bfloat16(family,
     x = random_images(1, 128, 128)  # large enough that the error is a property of the path, not of a few values
     with torch.no_grad():
         want = ref.encode(x).latent_dist.mean
-        theirs = copy.deepcopy(ref).to(torch.bfloat16).encode(x.bfloat16()).latent_dist.mean
+        # diffusers channels-last: the same precision class, and on a CPU without native bfloat16 (AVX2) its
+        # default layout runs emulated convs 40x slower still (18 s for one 128-channel conv at 128 px)
+        theirs = copy.deepcopy(ref).to(torch.bfloat16, memory_format=torch.channels_last)
+        theirs = theirs.encode(x.bfloat16().contiguous(memory_format=torch.channels_last)).latent_dist.mean
         got = enc.to(torch.bfloat16).encode(x).mean
     assert got.dtype == torch.bfloat16
     assert rel_err(got, want) <= 1.15 * rel_err(theirs, want)  # same precision class as diffusers
@@ -104,6 +107,25 @@ def test_bfloat16_on_a_cpu_without_native_support_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encoder.to(torch.bfloat16)(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plain", [False, True])
+def test_conv_into_writes_or_adds_a_band_in_every_dtype(dtype, plain, monkeypatch):
+    """Half precision through oneDNN's fused sum needs AVX-512 or AVX-NE-CONVERT (it raises on an AVX2-only CPU):
+    where `fused_sum` says no, `conv_into` takes the plain convolution, with the same result."""
+    import sdvae.bands
+
+    if plain:  # else this CPU's own answer: the fused sum where it runs
+        monkeypatch.setattr(sdvae.bands, "fused_sum", lambda _: False)
+    conv = torch.nn.Conv2d(16, 8, 3, padding=1).to(dtype).requires_grad_(False)
+    x = torch.randn(1, 16, 7, 9).to(dtype).contiguous(memory_format=torch.channels_last)  # 5 rows + halo
+    base = torch.randn(1, 8, 5, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=(0, 1))
+    for add in (False, True):
+        out = base.clone()
+        sdvae.bands.conv_into(conv, x, out, add)
+        assert rel_err(out, want + (base.double() if add else 0)) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_inference_runs_resnets_and_downsamples_by_row_bands_into_their_outputs():

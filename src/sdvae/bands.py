@@ -11,6 +11,7 @@ Winograd's F(2x2, 3x3) (`sdvae.winograd`), the rest through oneDNN. The GroupNor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -21,13 +22,22 @@ from . import winograd
 from .groupnorm import Stats, group_stats, merge_stats, norm_silu_rows
 
 BAND_PIXELS = 16384  # output pixels per band: large enough for full-speed convs, small enough for the cache
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def band_spans(height: int, width: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges of about BAND_PIXELS pixels each."""
     rows = max(1, BAND_PIXELS // width)
     return [(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+
+@functools.cache
+def fused_sum(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's convolution with a fused sum runs in `dtype` on this CPU: float32 wherever oneDNN is; half
+    precision needs AVX-512 (BW/VL/DQ, or FP16) or AVX-NE-CONVERT, and raises on an AVX2-only CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return {torch.float32: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}.get(dtype, False)
 
 
 def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
@@ -37,7 +47,7 @@ def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) ->
     allocate and copy, no separate pass for the residual add, and a half-precision sum rounded once, not twice.
     """
     padding = (0, conv.padding[1])
-    if x.device.type == "cpu" and x.dtype in FUSED_DTYPES and torch.backends.mkldnn.is_available():
+    if x.device.type == "cpu" and fused_sum(x.dtype):
         if not add:
             out.zero_()
         torch.ops.mkldnn._convolution_pointwise_.binary(out, x, conv.weight, conv.bias, padding, conv.stride,
