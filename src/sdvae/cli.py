@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--device", help="torch device (default: cuda when there is a GPU, else cpu)")
     encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="compute dtype (default: %(default)s, exact). bfloat16: the mean within ~1e-2 relative "
-                             "error of float32, at 0.28x the float32 time on CPUs with AMX (1.16 s vs 4.14 s at 512 "
-                             "px, Intel Xeon), about 0.5x with AVX512_BF16 only (AMD EPYC) and on GPUs; emulated, "
-                             "so slower, on other CPUs. float16 (GPUs) falls back to float32 on overflow")
+                             "error of float32, at 0.27x the float32 time on CPUs with AMX (0.86 s vs 3.20 s at 512 "
+                             "px, Intel Xeon), about 0.5x with AVX512_BF16 only (AMD EPYC) and on GPUs; emulated "
+                             "on other CPUs, where a conv takes 14x its float32 time (AVX2). float16 (GPUs) falls "
+                             "back to float32 on overflow")
     encode.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="dtype of the stored mean and logvar (default: %(default)s)")
     encode.add_argument("--family", help="family preset when the checkpoint does not say (sd15, sdxl, sd3, flux, ...)")
