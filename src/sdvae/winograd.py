@@ -128,20 +128,17 @@ class Conv3x3:
         across[:, :, 0].zero_()
         across[:, :, width + 1:].zero_()
         _transform_input(d, across[:, :, 1:width + 1], h)
-        v = tiles.view(4, 4, h, w, c_in)
-        for a in range(4):
-            _transform_input(across[a].transpose(0, 1), v[a].transpose(1, 2), w)
+        v = tiles.view(4, 4, h, w, c_in)  # [row term, column term, h, w, C_in]
+        _transform_input(across.permute(2, 0, 1, 3), v.permute(1, 3, 0, 2, 4), w)  # all row terms at once
         torch.bmm(tiles, kernel, out=products)
         if self.bias is not None:
             products[5] += self.bias  # m[1][1] reaches each output of its tile once: the bias enters once
         # A^T m A: along columns into `half` [4, 2, h, w, C_out], then along rows into the output.
         m = products.view(4, 4, h, w, c_out)
-        for a in range(4):
-            _transform_output(m[a], half[a], add=False)
+        _transform_output(m.transpose(0, 1), half.transpose(0, 1), add=False)
         y = extended[0] if extended else out[0].permute(1, 2, 0)
         y = y.view(h, 2, w, 2, c_out).permute(1, 0, 2, 3, 4)  # [row in tile, h, w, column in tile, C_out]
-        for c in range(2):
-            _transform_output(half[:, c], y[..., c, :], add=add and not extended)
+        _transform_output(half.permute(0, 2, 3, 1, 4), y, add=add and not extended)
         if extended:
             target, result = out[0].permute(1, 2, 0), extended[0][:rows, :width]
             if add:
