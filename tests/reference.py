@@ -11,7 +11,7 @@ import re
 import torch
 from diffusers import AutoencoderKL
 
-from sdvae import VaeConfig
+from sdvae import VaeConfig, VaeDecoder, VaeEncoder
 
 # A small config for end-to-end tests: every block kind, 64 px samples, fast.
 TINY = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
@@ -35,6 +35,18 @@ def reference_vae(config: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.f
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
     return vae.to(dtype).eval()
+
+
+def loaded_from(ref: AutoencoderKL, config: VaeConfig,
+                dtype: torch.dtype = torch.float32) -> tuple[VaeEncoder, VaeDecoder]:
+    """Our encoder and decoder holding `ref`'s weights (strict: every key is one of ours), built on the meta device:
+    no random weights of our own to draw, which for the widest configs took seconds."""
+    with torch.device("meta"):
+        enc, dec = VaeEncoder(config).to(dtype), VaeDecoder(config).to(dtype)
+    state = ref.state_dict()
+    enc.load_hf_state_dict(state, strict=True)
+    dec.load_hf_state_dict(state, strict=True)
+    return enc, dec
 
 
 def random_images(batch: int, height: int, width: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import random_images, reference_vae, rel_err
-from sdvae import VaeConfig, VaeDecoder, VaeEncoder
+from reference import loaded_from, random_images, reference_vae, rel_err
+from sdvae import VaeConfig, VaeEncoder
 
 SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8)
 
@@ -14,10 +14,7 @@ SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_
 @pytest.fixture(scope="module")
 def models():
     ref = reference_vae(SMALL, seed=11)
-    enc, dec = VaeEncoder(SMALL), VaeDecoder(SMALL)
-    enc.load_hf_state_dict(ref.state_dict())
-    dec.load_hf_state_dict(ref.state_dict())
-    return ref, enc, dec
+    return ref, *loaded_from(ref, SMALL)
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (1, 4, 16, 16), (1, 1, 3, 16, 16)])

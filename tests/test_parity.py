@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from reference import random_images, reference_vae, rel_err
-from sdvae import VaeConfig, VaeDecoder, VaeEncoder
+from reference import loaded_from, random_images, reference_vae, rel_err
+from sdvae import VaeConfig, VaeEncoder
 from sdvae.config import PRESETS
 
 # Against diffusers in float64, the exact result: diffusers' own float32 result is up to 9e-6 from it (measured on
@@ -29,11 +29,7 @@ def pair(family):
     """A diffusers reference in float64 and our encoder/decoder loaded from its state dict."""
     config = VaeConfig.preset(family)
     ref = reference_vae(config, dtype=torch.float64)
-    with torch.device("meta"):  # no random weights of our own to draw: the reference's are loaded
-        enc, dec = VaeEncoder(config).double(), VaeDecoder(config).double()
-    enc.load_hf_state_dict(ref.state_dict(), strict=True)
-    dec.load_hf_state_dict(ref.state_dict(), strict=True)
-    return ref, enc, dec
+    return ref, *loaded_from(ref, config, torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +133,7 @@ def test_resnets_by_row_bands_match_diffusers(family, band_pixels, batch, monkey
     monkeypatch.setattr(sdvae.winograd, "WORKSPACE_BYTES", 1)
     config = VaeConfig.preset(family).replace(norm_num_groups=8, block_out_channels=(16, 32, 32, 32))
     ref = reference_vae(config, dtype=torch.float64)
-    with torch.device("meta"):  # no random weights of our own to draw: the reference's are loaded
-        enc, dec = VaeEncoder(config).double(), VaeDecoder(config).double()
-    enc.load_hf_state_dict(ref.state_dict())
-    dec.load_hf_state_dict(ref.state_dict())
+    enc, dec = loaded_from(ref, config, torch.float64)
     x = random_images(batch, 37, 50, dtype=torch.float64)
     z = torch.randn(batch, config.latent_channels, 5, 3, generator=torch.Generator().manual_seed(2),
                     dtype=torch.float64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import random_images, reference_vae, rel_err
-from sdvae import DiagonalGaussian, VaeConfig, VaeDecoder, VaeEncoder
+from reference import loaded_from, random_images, reference_vae, rel_err
+from sdvae import DiagonalGaussian, VaeConfig
 from sdvae.config import PRESETS
 from sdvae.distribution import seeded_noise
 
@@ -67,12 +67,7 @@ def models():
             refs[arch, dtype] = reference_vae(family_config(arch), dtype=dtype)
         ref = refs[arch, dtype]
         if (family, dtype) not in ours:
-            config = family_config(family)
-            with torch.device("meta"):  # no random init: the weights all come from the reference
-                enc, dec = VaeEncoder(config).to(dtype), VaeDecoder(config).to(dtype)
-            enc.load_hf_state_dict(ref.state_dict(), strict=True)
-            dec.load_hf_state_dict(ref.state_dict(), strict=True)
-            ours[family, dtype] = enc, dec
+            ours[family, dtype] = loaded_from(ref, family_config(family), dtype)
         return ref, *ours[family, dtype]
 
     return get
