@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) against oneDNN's direct conv, per conv, by row bands as the resnets run them.
+"""Winograd F(4x4, 3x3) against oneDNN's direct conv, per conv, by row bands as the resnets run them.
 
 One 3x3 conv of each encoder width at its level's size (128 channels at the image size, 256 at half, 512 at a
 quarter), float32, channels-last, best of 3 sweeps over the map's bands. Prints one markdown table.

@@ -1,4 +1,5 @@
-"""Winograd's F(2x2, 3x3) (sdvae.winograd) against the float64 convolution: bands, pieces, odd sizes, sums."""
+"""Winograd's F(4x4, 3x3) (sdvae.winograd) against the float64 convolution: its matrices, bands, pieces, sizes
+that are not multiples of the tile, sums."""
 
 from __future__ import annotations
 
@@ -24,17 +25,26 @@ def conv64(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.conv2d(x.double(), conv.weight.double(), bias, padding=(0, 1))
 
 
+def test_the_transforms_compute_a_correlation_of_4_outputs():
+    """A^T [(G g) * (B^T d)] = the 3-tap correlation of 6 inputs, for any g and d (the Cook-Toom identity)."""
+    bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (winograd._BT, winograd._G, winograd._AT))
+    taps, inputs = torch.randn(3, 100, dtype=torch.float64), torch.randn(6, 100, dtype=torch.float64)
+    want = torch.stack([sum(taps[j] * inputs[k + j] for j in range(3)) for k in range(4)])
+    assert torch.allclose(at @ ((g @ taps) * (bt @ inputs)), want, rtol=0, atol=1e-13)
+    assert (at[:, winograd._BIAS_TERM // 6] == 1).all()  # the product the bias enters reaches each output once
+
+
 def test_kernel_transform_is_g_w_g_transposed():
     g = torch.tensor(winograd._G, dtype=torch.float64)
     w = torch.randn(5, 7, 3, 3, dtype=torch.float64)
-    want = torch.stack([g @ w[o, i] @ g.T for o in range(5) for i in range(7)]).view(5, 7, 16).permute(2, 1, 0)
+    want = torch.stack([g @ w[o, i] @ g.T for o in range(5) for i in range(7)]).view(5, 7, 36).permute(2, 1, 0)
     for weight in (w, w.contiguous(memory_format=torch.channels_last)):
         assert torch.allclose(winograd.transform_kernel(weight), want, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("rows,width", [(8, 16), (7, 13), (1, 1), (33, 6), (6, 5)])  # odd heights and widths
+@pytest.mark.parametrize("rows,width", [(8, 16), (7, 13), (1, 1), (33, 6), (6, 5), (10, 18)])  # any remainder
 @pytest.mark.parametrize("add", [False, True])
-@pytest.mark.parametrize("piece_bytes", [1, 1 << 20])  # pieces of two output rows; the band in one piece
+@pytest.mark.parametrize("piece_bytes", [1, 1 << 20])  # pieces of four output rows; the band in one piece
 def test_conv3x3_equals_the_float64_convolution(rows, width, add, piece_bytes, monkeypatch):
     monkeypatch.setattr(winograd, "WORKSPACE_BYTES", piece_bytes)
     conv = nn.Conv2d(48, 40, 3, padding=1).requires_grad_(False)
@@ -44,8 +54,19 @@ def test_conv3x3_equals_the_float64_convolution(rows, width, add, piece_bytes, m
     direct = out.clone()
     winograd.Conv3x3(conv, winograd.Workspace())(x, out, add)
     conv_into(conv, x, direct, add)
-    assert rel_err(out, want) <= 1e-6  # float32 rounding: 2-4e-7 measured
-    assert rel_err(out, want) <= 1.5 * rel_err(direct, want)  # as close as oneDNN's direct convolution
+    assert rel_err(out, want) <= 1.5e-6  # float32 rounding: 2-9e-7 measured, oneDNN's direct conv 0.6-4e-7
+
+
+def test_a_wide_conv_stays_within_a_few_times_the_rounding_of_the_direct_one():
+    """At the encoder's widths F(4x4, 3x3) rounds about twice as much as oneDNN's direct conv (1.5e-6 against 8.6e-7
+    measured at 256 channels): still float32 parity."""
+    conv = nn.Conv2d(256, 256, 3, padding=1).requires_grad_(False)
+    x = band(256, 20, 28, seed=5)
+    out, direct = (torch.empty(1, 256, 20, 28).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    winograd.Conv3x3(conv, winograd.Workspace())(x, out, add=False)
+    conv_into(conv, x, direct, add=False)
+    want = conv64(x, conv)
+    assert rel_err(out, want) <= min(3e-6, 3 * rel_err(direct, want))
 
 
 def test_conv3x3_without_bias_writes_only_its_rows():
@@ -53,7 +74,7 @@ def test_conv3x3_without_bias_writes_only_its_rows():
     x = band(16, 5, 9, seed=3)
     out = torch.full((1, 24, 9, 9), 7.0).contiguous(memory_format=torch.channels_last)
     winograd.Conv3x3(conv, winograd.Workspace())(x, out[:, :, 2:7], add=False)
-    assert rel_err(out[:, :, 2:7], conv64(x, conv)) <= 1e-6
+    assert rel_err(out[:, :, 2:7], conv64(x, conv)) <= 1.5e-6
     assert (out[:, :, :2] == 7).all() and (out[:, :, 7:] == 7).all()
 
 
@@ -68,16 +89,16 @@ def test_convs_sharing_a_workspace_do_not_disturb_each_other(reserve, monkeypatc
         x = band(conv.in_channels, rows, 12, seed=rows)
         out = torch.empty(1, conv.out_channels, rows, 12).contiguous(memory_format=torch.channels_last)
         run(x, out, add=False)
-        assert rel_err(out, conv64(x, conv)) <= 1e-6
+        assert rel_err(out, conv64(x, conv)) <= 1.5e-6
 
 
 def test_winograd_takes_the_wide_float32_cpu_convs_only():
     cpu = torch.device("cpu")
     wide = nn.Conv2d(256, 256, 3, padding=1)
-    assert winograd.suits(wide, torch.float32, cpu) and winograd.suits(nn.Conv2d(128, 256, 3), torch.float32, cpu)
+    assert winograd.suits(wide, torch.float32, cpu) and winograd.suits(nn.Conv2d(128, 128, 3), torch.float32, cpu)
     assert not winograd.suits(wide, torch.float64, cpu) and not winograd.suits(wide, torch.bfloat16, cpu)
     assert not winograd.suits(wide, torch.float32, torch.device("meta"))
-    assert not winograd.suits(nn.Conv2d(128, 128, 3), torch.float32, cpu)  # break-even: oneDNN's direct conv
+    assert not winograd.suits(nn.Conv2d(64, 128, 3), torch.float32, cpu)  # GEMMs too small: oneDNN's direct conv
     assert not winograd.suits(nn.Conv2d(256, 256, 3, stride=2), torch.float32, cpu)
     assert not winograd.suits(nn.Conv2d(256, 256, 1), torch.float32, cpu)
 

@@ -5,7 +5,7 @@ conv2's output: four maps the size of x. Here each conv runs one band of output 
 reading a small buffer that holds its normalized input rows (one halo row above and below, zeros at the image's
 edges) and writing straight into its output map; conv2 adds into x in place. So x and conv1's output are the only
 full-size maps, and each buffer is still in cache when the conv reads it. In float32 the wide convs run as
-Winograd's F(2x2, 3x3) (`sdvae.winograd`), the rest through oneDNN. The GroupNorms use whole-map statistics
+Winograd's F(4x4, 3x3) (`sdvae.winograd`), the rest through oneDNN. The GroupNorms use whole-map statistics
 (`sdvae.groupnorm`): the result equals the whole-map computation.
 """
 
@@ -59,7 +59,7 @@ def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) ->
 
 
 def conv3x3_runners(convs: Iterable[nn.Conv2d], x: torch.Tensor) -> list[Callable[..., None]]:
-    """`run(band, out, add)` for each 3x3 conv of a resnet, as `conv_into` takes them: Winograd's F(2x2, 3x3)
+    """`run(band, out, add)` for each 3x3 conv of a resnet, as `conv_into` takes them: Winograd's F(4x4, 3x3)
     where it is faster (`sdvae.winograd`: float32, wide convs), in the forward pass's workspace; else oneDNN's."""
     workspace = winograd.shared()
     return [winograd.Conv3x3(conv, workspace) if winograd.suits(conv, x.dtype, x.device)

@@ -1,28 +1,34 @@
-"""Winograd's F(2x2, 3x3): a 3x3 convolution in 2.25x fewer multiplications, for float32 on the CPU.
+"""Winograd's F(4x4, 3x3): a 3x3 convolution in 4x fewer multiplications, for float32 on the CPU.
 
-Each 2x2 output tile is `A^T [(G w G^T) * (B^T d B)] A`, d the 4x4 input tile around it (stride 2). Summed over
-input channels, the 16 elementwise products become 16 matrix products `[tiles, C_in] @ [C_in, C_out]`, one batched
-GEMM, so the multiplications drop from 9 to 4 per output value. The transforms B and A take sums and differences
-only, G halves: the result is as close to the float64 convolution as oneDNN's direct one (closer, measured: 7e-7
-against 3e-6 relative for a 512-channel conv). In the encoder, its 512-channel convs take 0.64x and its
-256-channel convs 0.77x of oneDNN's direct time (`bench/README.md`); at 128 channels the transforms cost what the
-GEMMs save, so those stay direct. A band goes through in pieces of a few rows, so the transformed tiles are still
-in cache when the GEMM reads them.
+Each 4x4 output tile is `A^T [(G w G^T) * (B^T d B)] A`, d the 6x6 input tile around it (stride 4). Summed over
+input channels, the 36 elementwise products become 36 matrix products `[tiles, C_in] @ [C_in, C_out]`, one batched
+GEMM, so the multiplications drop from 9 to 2.25 per output value. The transforms are small matrices applied along
+rows, then columns, one pass over a band per nonzero entry. The matrices come from the Cook-Toom construction at the
+points 0, -1, 1, 1/2, -2 and infinity: of the sets tried, the most accurate in float32 (1.5e-6 relative for a
+256-channel conv against 2.3e-6 for 0, +-1, +-2 and 8.6e-7 for oneDNN's direct conv; 4e-6 for the whole encoder,
+against the float64 result, as diffusers' float32; `bench/README.md`). B^T and A^T hold dyadic fractions, exact
+in float32. A band goes through in pieces of a few rows, so the transformed tiles are still in cache when the GEMM
+reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-# G of F(2x2, 3x3), the kernel transform: rows of 4 from columns of 3.
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# F(4x4, 3x3): B^T takes an input tile's 6 rows to 6 terms, G a kernel's 3 rows to 6, A^T 6 products to 4 outputs.
+_BT = ((1, -3 / 2, -2, 3 / 2, 1, 0), (0, 1, -5 / 2, 1 / 2, 1, 0), (0, -1, 1 / 2, 5 / 2, 1, 0),
+       (0, -2, -1, 2, 1, 0), (0, 1 / 2, -1, -1 / 2, 1, 0), (0, 1, -3 / 2, -2, 3 / 2, 1))
+_G = ((1, 0, 0), (-1 / 3, 1 / 3, -1 / 3), (1 / 3, 1 / 3, 1 / 3), (-16 / 15, -8 / 15, -4 / 15),
+      (1 / 15, -2 / 15, 4 / 15), (0, 0, 1))
+_AT = ((1, 1, 1, 1, 1, 0), (0, -1, 1, 1 / 2, -2, 0), (0, 1, 1, 1 / 4, 4, 0), (0, -1, 1, 1 / 8, -8, 1))
+_BIAS_TERM = 2 * 6 + 2  # A^T's column 2 (the point 1) is all ones: product (2, 2) reaches each output once
 WORKSPACE_BYTES = 32 << 20  # the transformed tiles and products of one piece of a band
-MIN_WORK = 128 * 256  # C_in x C_out below which the GEMMs are too small to gain (128 x 128 is break-even)
+MIN_WORK = 128 * 128  # C_in x C_out below which the GEMMs are too small to gain
 
 
 def suits(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device) -> bool:
@@ -33,13 +39,13 @@ def suits(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def transform_kernel(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`G w G^T` for each (output, input) channel pair of `weight` `[C_out, C_in, 3, 3]`: `[16, C_in, C_out]`, a
-    transposed view of `[16, C_out, C_in]` (the GEMM reads it so at full speed), in `out`'s storage if given."""
+    """`G w G^T` for each (output, input) channel pair of `weight` `[C_out, C_in, 3, 3]`: `[36, C_in, C_out]`, a
+    transposed view of `[36, C_out, C_in]` (the GEMM reads it so at full speed), in `out`'s storage if given."""
     c_out, c_in = weight.shape[:2]
     g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
     taps = weight.permute(0, 2, 3, 1).reshape(c_out, 9, c_in)  # a view of channels-last weights
-    kernel = (weight.new_empty(16 * c_out * c_in) if out is None else out).view(16, c_out, c_in)
-    torch.matmul(torch.kron(g, g), taps, out=kernel.permute(1, 0, 2))  # per output channel: [16, 9] @ [9, C_in]
+    kernel = (weight.new_empty(36 * c_out * c_in) if out is None else out).view(36, c_out, c_in)
+    torch.matmul(torch.kron(g, g), taps, out=kernel.permute(1, 0, 2))  # per output channel: [36, 9] @ [9, C_in]
     return kernel.transpose(1, 2)
 
 
@@ -61,7 +67,7 @@ class Workspace:
     def take(self, conv: nn.Conv2d, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`conv`'s transformed kernel and views of the given shapes, all in this workspace."""
         weight = conv.weight.detach()
-        sizes = [16 * weight.shape[0] * weight.shape[1]] + [torch.Size(shape).numel() for shape in shapes]
+        sizes = [36 * weight.shape[0] * weight.shape[1]] + [torch.Size(shape).numel() for shape in shapes]
         if self.buffer is None or self.buffer.numel() < sum(sizes) or self.buffer.dtype != weight.dtype:
             reserve = max(sum(sizes), self.RESERVE // weight.element_size())
             self.buffer, self.kernel_of = weight.new_empty(reserve), None
@@ -71,7 +77,7 @@ class Workspace:
             transform_kernel(weight, out=kernel)
             self.kernel_of = conv
         c_out, c_in = weight.shape[:2]
-        return kernel.view(16, c_out, c_in).transpose(1, 2), [v.view(shape) for v, shape in zip(views, shapes)]
+        return kernel.view(36, c_out, c_in).transpose(1, 2), [v.view(shape) for v, shape in zip(views, shapes)]
 
 
 _SCOPED: ContextVar[Workspace | None] = ContextVar("sdvae_winograd_workspace", default=None)
@@ -105,40 +111,42 @@ class Conv3x3:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
         c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
-        per_row = 6 * (c_in + c_out) * (width + 3) * x.element_size()  # workspace per output row
-        step = max(2, WORKSPACE_BYTES // per_row // 2 * 2)
+        per_row = 15 * (c_in + c_out) * (width + 6) * x.element_size() // 4  # workspace per output row
+        step = max(4, WORKSPACE_BYTES // per_row // 4 * 4)
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
             self._piece(x[:, :, r0:r1 + 2], out[:, :, r0:r1], add)
 
     def _piece(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
-        """Output rows from their input rows; an odd height or width goes through zero-extended buffers."""
+        """Output rows from their input rows; a height or width not a multiple of 4 goes through zero-extended
+        buffers."""
         c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
-        h, w = (rows + 1) // 2, (width + 1) // 2  # tiles down and across
-        shapes = [(4, h, 2 * w + 2, c_in), (16, h * w, c_in), (16, h * w, c_out), (4, 2, h, w, c_out)]
-        if rows % 2:
-            shapes.append((2 * h + 2, width, c_in))
-        if rows % 2 or width % 2:
-            shapes.append((2 * h, 2 * w, c_out))
+        h, w = -(-rows // 4), -(-width // 4)  # tiles down and across
+        shapes = [(6, h, 4 * w + 2, c_in), (36, h * w, c_in), (36, h * w, c_out), (6, 4, h, w, c_out)]
+        if rows % 4:
+            shapes.append((4 * h + 2, width, c_in))
+        if rows % 4 or width % 4:
+            shapes.append((4 * h, 4 * w, c_out))
         kernel, (across, tiles, products, half, *extended) = self.workspace.take(self.conv, shapes)
         d = x[0].permute(1, 2, 0)  # [rows, columns, C_in]: each pixel's channels contiguous
-        if rows % 2:  # the last tile reads one zero row below the band
+        if rows % 4:  # the last tiles read zero rows below the band
             d = _extend(d, extended.pop(0))
-        # B^T d B: along rows into `across` [4, h, columns with their zero padding, C_in], then along columns.
+        # B^T d B: along rows into `across` [6, h, columns with their zero padding, C_in], then along columns.
         across[:, :, 0].zero_()
         across[:, :, width + 1:].zero_()
-        _transform_input(d, across[:, :, 1:width + 1], h)
-        v = tiles.view(4, 4, h, w, c_in)  # [row term, column term, h, w, C_in]
-        _transform_input(across.permute(2, 0, 1, 3), v.permute(1, 3, 0, 2, 4), w)  # all row terms at once
+        _apply(_BT, [d[k:k + 4 * h:4] for k in range(6)], across[:, :, 1:width + 1])
+        v = tiles.view(6, 6, h, w, c_in)  # [row term, column term, h, w, C_in]
+        columns = across.permute(2, 0, 1, 3)
+        _apply(_BT, [columns[k:k + 4 * w:4] for k in range(6)], v.permute(1, 3, 0, 2, 4))  # all row terms at once
         torch.bmm(tiles, kernel, out=products)
         if self.bias is not None:
-            products[5] += self.bias  # m[1][1] reaches each output of its tile once: the bias enters once
-        # A^T m A: along columns into `half` [4, 2, h, w, C_out], then along rows into the output.
-        m = products.view(4, 4, h, w, c_out)
-        _transform_output(m.transpose(0, 1), half.transpose(0, 1), add=False)
+            products[_BIAS_TERM] += self.bias
+        # A^T m A: along columns into `half` [6, 4, h, w, C_out], then along rows into the output.
+        m = products.view(6, 6, h, w, c_out)
+        _apply(_AT, m.transpose(0, 1), half.transpose(0, 1))
         y = extended[0] if extended else out[0].permute(1, 2, 0)
-        y = y.view(h, 2, w, 2, c_out).permute(1, 0, 2, 3, 4)  # [row in tile, h, w, column in tile, C_out]
-        _transform_output(half.permute(0, 2, 3, 1, 4), y, add=add and not extended)
+        y = y.view(h, 4, w, 4, c_out).permute(1, 0, 2, 3, 4)  # [row in tile, h, w, column in tile, C_out]
+        _apply(_AT, half.permute(0, 2, 3, 1, 4), y, add=add and not extended)
         if extended:
             target, result = out[0].permute(1, 2, 0), extended[0][:rows, :width]
             if add:
@@ -153,25 +161,18 @@ def _extend(d: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     return into
 
 
-def _transform_input(d: torch.Tensor, out: torch.Tensor, n: int) -> None:
-    """`out = B^T d` along d's first axis, for `n` tiles of 4 at stride 2 (B^T's rows: d0 - d2, d1 + d2,
-    d2 - d1, d1 - d3)."""
-    d0, d1, d2, d3 = (d[k:k + 2 * n:2] for k in range(4))
-    torch.sub(d0, d2, out=out[0])
-    torch.add(d1, d2, out=out[1])
-    torch.sub(d2, d1, out=out[2])
-    torch.sub(d1, d3, out=out[3])
-
-
-def _transform_output(m: torch.Tensor, out: torch.Tensor, add: bool) -> None:
-    """`out = A^T m` (`out += A^T m` with `add`) along m's first axis (A^T's rows: m0 + m1 + m2, m1 - m2 - m3)."""
-    if add:
-        out[0] += m[0]
-        out[0] += m[1]
-        out[1] += m[1]
-        out[1] -= m[2]
-    else:
-        torch.add(m[0], m[1], out=out[0])
-        torch.sub(m[1], m[2], out=out[1])
-    out[0] += m[2]
-    out[1] -= m[3]
+def _apply(matrix: Sequence[Sequence[float]], src: Sequence[torch.Tensor], out: torch.Tensor,
+           add: bool = False) -> None:
+    """`out[k] = sum_l matrix[k][l] src[l]` (`out[k] +=` with `add`), zero entries skipped: one elementwise pass
+    per term. Each row of the transforms holds a 1, with which its sum starts."""
+    for row, target in zip(matrix, out):
+        terms = [(c, s) for c, s in zip(row, src) if c]
+        if add:
+            for c, s in terms:
+                target.add_(s, alpha=c)
+            continue
+        _, first = terms.pop(next(i for i, (c, _) in enumerate(terms) if c == 1))
+        c, s = terms.pop(0)
+        torch.add(first, s, alpha=c, out=target)
+        for c, s in terms:
+            target.add_(s, alpha=c)
