@@ -4,11 +4,11 @@ Each 4x4 output tile is `A^T [(G w G^T) * (B^T d B)] A`, d the 6x6 input tile ar
 input channels, the 36 elementwise products become 36 matrix products `[tiles, C_in] @ [C_in, C_out]`, one batched
 GEMM, so the multiplications drop from 9 to 2.25 per output value. The transforms are small matrices applied along
 rows, then columns, one pass over a band per nonzero entry. The matrices come from the Cook-Toom construction at the
-points 0, -1, 1, 1/2, -2 and infinity: of the sets tried, the most accurate in float32 (1.5e-6 relative for a
-256-channel conv against 2.3e-6 for 0, +-1, +-2 and 8.6e-7 for oneDNN's direct conv; 4e-6 for the whole encoder,
-against the float64 result, as diffusers' float32; `bench/README.md`). B^T and A^T hold dyadic fractions, exact
-in float32. A band goes through in pieces of a few rows, so the transformed tiles are still in cache when the GEMM
-reads them.
+points 0, -1, 1, 1/2, -2 and infinity: of the sets tried, the most accurate in float32 (against float64, 1.5e-6
+relative for a 256-channel conv, 2.3e-6 at 0, +-1, +-2, 8.6e-7 for oneDNN's direct conv; 4e-6 for the whole
+encoder, within float32 parity; `bench/README.md`). B^T and A^T hold dyadic fractions, exact in float32. Per conv
+this takes 0.4-0.5x oneDNN's direct time at 256 and 512 channels, 0.8x at 128. A band goes through in pieces of a
+few rows, so the transformed tiles are still in cache when the GEMM reads them.
 """
 
 from __future__ import annotations
