@@ -247,3 +247,18 @@ def test_scratch_file_activation_reads_back_what_was_written():
         want = t.to(dtype).clone()
         want[:, :, 1:3, 0:4] = 0
         assert torch.equal(store.read(slice(None), slice(None)), want)
+
+
+def test_tiles_run_the_wide_float32_convs_through_winograd():
+    """The tiled encoder's resnet convs take Winograd's F(4x4, 3x3) as the untiled ones do (its speed), and the
+    result still equals the untiled encoder's."""
+    from torch.profiler import profile
+
+    enc = VaeEncoder(VaeConfig(block_out_channels=(128, 256), layers_per_block=1, norm_num_groups=32)).eval()
+    x = random_images(2, 42, 30)
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        got = enc(x, tile_size=16)
+    kernels = [e.input_shapes[1] for e in prof.events() if e.name == "aten::bmm"]
+    assert [36, 128, 128] in kernels and [36, 128, 256] in kernels and [36, 256, 256] in kernels, kernels
+    with torch.no_grad():
+        assert rel_err(got, enc(x)) <= TOLERANCE[torch.float32]

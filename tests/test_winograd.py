@@ -109,3 +109,14 @@ def test_a_scope_shares_one_workspace_and_frees_it():
         inner = winograd.shared()
         assert winograd.shared() is inner
     assert winograd.shared() is not inner
+
+
+def test_a_tile_that_holds_its_zero_border_takes_no_more_padding():
+    """`[1, C, R + 2, W + 2]` in, `[1, C_out, R, W]` out: the tiled encoder's form (every side padded already)."""
+    conv = nn.Conv2d(24, 16, 3, padding=1).requires_grad_(False)
+    for rows, width in ((9, 7), (8, 12)):
+        x = band(24, rows, width + 2, seed=rows)
+        out = torch.empty(1, 16, rows, width).contiguous(memory_format=torch.channels_last)
+        winograd.Conv3x3(conv, winograd.Workspace())(x, out, add=False)
+        want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double())
+        assert rel_err(out, want) <= 1.5e-6

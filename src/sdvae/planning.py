@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import winograd
+from .bands import BAND_PIXELS
 from .config import VaeConfig
 from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule
 
@@ -80,19 +82,26 @@ def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dty
 def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device = torch.device("cpu")) -> int:
     """Estimated activation memory of the untiled encoder: on the CPU 2.1 first-block activations (a resnet by row
-    bands holds two, `sdvae.bands`; measured 2.03-2.08 at 1024-4096 px), elsewhere four (whole maps); plus the
-    attention's queries, keys, values and output."""
+    bands holds two, `sdvae.bands`; measured 2.03-2.10 at 1024-4096 px) and the Winograd workspace (the widest
+    kernel and largest piece of a band), elsewhere four (whole maps); plus the attention's queries, keys, values
+    and output."""
     b, _, h, w = shape
     tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
     maps = 2.1 if device.type == "cpu" else 4
     attention = 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
-    return int(maps * activation_bytes(config, shape, dtype)) + attention
+    levels = [(c, h >> i, w >> i) for i, c in enumerate(config.block_out_channels)]
+    workspace = max([0] + [winograd.workspace_bytes(c, c, min(rows, max(1, BAND_PIXELS // width)), width,
+                                                    dtype.itemsize)
+                           for c, rows, width in levels if winograd.wide_enough(c, c, dtype, device)])
+    return int(maps * activation_bytes(config, shape, dtype)) + attention + workspace
 
 
-def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, plan: TilePlan) -> tuple[int, int]:
+def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, plan: TilePlan,
+               device: torch.device = torch.device("cpu")) -> tuple[int, int]:
     """Estimated (memory, scratch file) bytes of the tiled encoder at its fullest: the channels-last copy of the
     input, the kept outputs alive at each pass, plus the pass's tile temporaries (each computed node's output with
-    its halo, and two input pieces) or the attention's keys, values and score blocks; plus SLACK_TILES first-level
+    its halo, and two input pieces) or the attention's keys, values and score blocks, and the Winograd workspace
+    (the largest transformed kernel and piece so far: it only grows); plus SLACK_TILES first-level
     tiles for what the model leaves out (statistics and read temporaries, allocator slack: measured peaks ran
     0.15-0.3 GiB over the rest at 1024-4096 px with 256 px tiles, bench/README.md)."""
     nodes = encoder_nodes(encoder)
@@ -101,7 +110,7 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
     first_tile = shape[0] * nodes[0].conv.out_channels * (min(plan.tile, height) + 4) * (min(plan.tile, width) + 4)
     fixed = (math.prod(shape) + SLACK_TILES * first_tile) * dtype.itemsize  # the input's copy, and the slack
     live: dict[int, tuple[str, int]] = {}
-    memory = files = 0
+    memory = files = workspace = 0
     for p in schedule(nodes, plan.stores):
         b, c, h, w = shapes[p.target]
         if p.into is not None:
@@ -113,12 +122,17 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
             temporaries = b * (2 * n * c + 2 * min(n, ATTENTION_BLOCK) ** 2 + 4 * min(n, ATTENTION_BLOCK) * c)
         else:  # a tile of each computed node, grown by the halos of the nodes after it (two pixels a conv, at most)
             halo = 2 * len(p.computed)
-            pixels = {k: (min(plan.side(nodes[k].level), shapes[k][2]) + halo)
-                      * (min(plan.side(nodes[k].level), shapes[k][3]) + halo) for k in p.computed}
+            sides = {k: (min(plan.side(nodes[k].level), shapes[k][2]) + halo,
+                         min(plan.side(nodes[k].level), shapes[k][3]) + halo) for k in p.computed}
+            pixels = {k: rows * columns for k, (rows, columns) in sides.items()}
             temporaries = sum(b * nodes[k].conv.out_channels * pixels[k] for k in p.computed)
             temporaries += 2 * max(b * nodes[k].conv.in_channels * pixels[k] for k in p.computed)
+            workspace = max([workspace] + [winograd.workspace_bytes(nodes[k].conv.in_channels,
+                                                                    nodes[k].conv.out_channels, *sides[k],
+                                                                    dtype.itemsize)
+                                           for k in p.computed if winograd.suits(nodes[k].conv, dtype, device)])
         resident = sum(size for where, size in live.values() if where == "memory")
-        memory = max(memory, fixed + resident + temporaries * dtype.itemsize)
+        memory = max(memory, fixed + resident + temporaries * dtype.itemsize + workspace)
         files = max(files, sum(size for where, size in live.values() if where == "files"))
         for j in p.free:
             live.pop(j, None)
@@ -147,7 +161,7 @@ def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], d
                 stores = (where,) * k + ("memory",) * (stages - k)
                 for tile in tiles:
                     plan = TilePlan(tile, stores)
-                    memory, files = tiled_peak(encoder, shape, dtype, plan)
+                    memory, files = tiled_peak(encoder, shape, dtype, plan, device)
                     if files > room:
                         continue
                     smallest = memory if smallest is None else min(smallest, memory)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import winograd
 from .activations import FileActivation, RamActivation
 from .groupnorm import Stats, affine, group_stats, merge_stats, normalize
 from .layers import Attention, recording
@@ -180,7 +181,7 @@ def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tens
     if recording(encoder, x):
         raise RuntimeError("tiled encoding does not record autograd: run it under torch.no_grad() with frozen "
                            "weights, or encode untiled (no tile_size, a max_memory that fits) to backpropagate")
-    with torch.no_grad():
+    with torch.no_grad(), winograd.scope():
         return _tiled_params(encoder, quant_conv, x, plan)
 
 
@@ -261,7 +262,7 @@ def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
             piece = buffer
         elif any(border):
             piece = F.pad(piece, (border[2], border[3], border[0], border[1]))
-        y = F.conv2d(piece, node.conv.weight, node.conv.bias, stride=node.conv.stride)
+        y = _conv(node.conv, piece)
         if node.skip is not None:
             residual = crop(node.skip - 1, needs[k])
             y += residual if node.shortcut is None else node.shortcut(residual)
@@ -269,6 +270,20 @@ def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
         for j in [j for j, user in last_use.items() if user == k and j in values]:
             del values[j]  # no later node of this tile reads it
     return values[computed[-1]][0]
+
+
+def _conv(conv: nn.Conv2d, piece: torch.Tensor) -> torch.Tensor:
+    """`conv` over `piece`, which holds the zero border: through Winograd's F(4x4, 3x3) where it suits
+    (`sdvae.winograd`, in the pass's workspace), as in the untiled encoder, else oneDNN's conv."""
+    if not winograd.suits(conv, piece.dtype, piece.device):
+        return F.conv2d(piece, conv.weight, conv.bias, stride=conv.stride)
+    b, _, h, w = piece.shape
+    y = torch.empty(b, conv.out_channels, h - 2, w - 2, dtype=piece.dtype, device=piece.device,
+                    memory_format=torch.channels_last)
+    run = winograd.Conv3x3(conv, winograd.shared())
+    for i in range(b):
+        run(piece[i:i + 1], y[i:i + 1], add=False)
+    return y
 
 
 def _padded_buffer(piece: torch.Tensor, border: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:

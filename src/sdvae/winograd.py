@@ -33,9 +33,13 @@ MIN_WORK = 128 * 128  # C_in x C_out below which the GEMMs are too small to gain
 
 def suits(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `conv` runs faster here than directly: a float32 CPU 3x3 conv of stride 1, wide enough."""
-    return (device.type == "cpu" and dtype == torch.float32 and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.in_channels * conv.out_channels >= MIN_WORK)
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and wide_enough(conv.in_channels, conv.out_channels, dtype, device))
+
+
+def wide_enough(c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a 3x3 conv of stride 1 with these widths runs faster here than directly: float32 on the CPU."""
+    return device.type == "cpu" and dtype == torch.float32 and c_in * c_out >= MIN_WORK
 
 
 def transform_kernel(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,11 +102,38 @@ def shared() -> Workspace:
     return _SCOPED.get() or Workspace()
 
 
+def _step(c_in: int, c_out: int, width: int, element_size: int) -> int:
+    """Output rows per piece of a band `width` wide: about WORKSPACE_BYTES of buffers, at least one row of tiles."""
+    per_row = 15 * (c_in + c_out) * (width + 6) * element_size // 4  # 3.75 maps of buffers per output row
+    return max(4, WORKSPACE_BYTES // per_row // 4 * 4)
+
+
+def _piece_shapes(rows: int, width: int, columns: int, c_in: int, c_out: int) -> list[tuple[int, ...]]:
+    """The buffers of a piece of `rows` x `width` outputs from `columns` input columns: rows-transformed input,
+    tiles, products, columns-transformed products, then the zero-extended input and output when a side is not a
+    multiple of 4."""
+    h, w = -(-rows // 4), -(-width // 4)  # tiles down and across
+    shapes = [(6, h, 4 * w + 2, c_in), (36, h * w, c_in), (36, h * w, c_out), (6, 4, h, w, c_out)]
+    if rows % 4:
+        shapes.append((4 * h + 2, columns, c_in))
+    if rows % 4 or width % 4:
+        shapes.append((4 * h, 4 * w, c_out))
+    return shapes
+
+
+def workspace_bytes(c_in: int, c_out: int, rows: int, width: int, element_size: int) -> int:
+    """What a workspace holds for a conv run on `rows` x `width` outputs at a time: its kernel and largest piece
+    (the RESERVE aside, of which only the pages used become resident)."""
+    shapes = _piece_shapes(min(rows, _step(c_in, c_out, width, element_size)), width, width + 2, c_in, c_out)
+    return (36 * c_in * c_out + sum(torch.Size(s).numel() for s in shapes)) * element_size
+
+
 class Conv3x3:
-    """`run(x, out, add)`: one 3x3 conv of stride 1, padding 1, over a band `x` `[1, C_in, R + 2, W]` that holds its
-    halo rows (zero rows at the image's edges), into `out` `[1, C_out, R, W]` (`out +=` with `add`), channels-last:
-    what `sdvae.bands.conv_into` takes. Convs sharing a workspace should run one after another: each switch
-    transforms the kernel again."""
+    """`run(x, out, add)`: one 3x3 conv of stride 1 into `out` `[1, C_out, R, W]` (`out +=` with `add`), channels-
+    last, over `x` `[1, C_in, R + 2, W]`, a band that holds its halo rows (zero rows at the image's edges: what
+    `sdvae.bands.conv_into` takes, padded with zero columns here), or `[1, C_in, R + 2, W + 2]`, a tile that holds
+    its zero border too. Convs sharing a workspace should run one after another: each switch transforms the kernel
+    again."""
 
     def __init__(self, conv: nn.Conv2d, workspace: Workspace):
         self.conv = conv
@@ -111,8 +142,7 @@ class Conv3x3:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
         c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
-        per_row = 15 * (c_in + c_out) * (width + 6) * x.element_size() // 4  # workspace per output row
-        step = max(4, WORKSPACE_BYTES // per_row // 4 * 4)
+        step = _step(c_in, c_out, width, x.element_size())
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
             self._piece(x[:, :, r0:r1 + 2], out[:, :, r0:r1], add)
@@ -122,19 +152,16 @@ class Conv3x3:
         buffers."""
         c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
         h, w = -(-rows // 4), -(-width // 4)  # tiles down and across
-        shapes = [(6, h, 4 * w + 2, c_in), (36, h * w, c_in), (36, h * w, c_out), (6, 4, h, w, c_out)]
-        if rows % 4:
-            shapes.append((4 * h + 2, width, c_in))
-        if rows % 4 or width % 4:
-            shapes.append((4 * h, 4 * w, c_out))
-        kernel, (across, tiles, products, half, *extended) = self.workspace.take(self.conv, shapes)
+        pad = (width + 2 - x.shape[3]) // 2  # zero columns to add on each side: 1 for a band, 0 for a tile
+        kernel, (across, tiles, products, half, *extended) = self.workspace.take(
+            self.conv, _piece_shapes(rows, width, x.shape[3], c_in, c_out))
         d = x[0].permute(1, 2, 0)  # [rows, columns, C_in]: each pixel's channels contiguous
         if rows % 4:  # the last tiles read zero rows below the band
             d = _extend(d, extended.pop(0))
         # B^T d B: along rows into `across` [6, h, columns with their zero padding, C_in], then along columns.
-        across[:, :, 0].zero_()
-        across[:, :, width + 1:].zero_()
-        _apply(_BT, [d[k:k + 4 * h:4] for k in range(6)], across[:, :, 1:width + 1])
+        across[:, :, :pad].zero_()
+        across[:, :, pad + x.shape[3]:].zero_()
+        _apply(_BT, [d[k:k + 4 * h:4] for k in range(6)], across[:, :, pad:pad + x.shape[3]])
         v = tiles.view(6, 6, h, w, c_in)  # [row term, column term, h, w, C_in]
         columns = across.permute(2, 0, 1, 3)
         _apply(_BT, [columns[k:k + 4 * w:4] for k in range(6)], v.permute(1, 3, 0, 2, 4))  # all row terms at once
