@@ -194,7 +194,7 @@ def test_plans_try_large_tiles_with_stages_moved_off_memory_before_small_tiles(s
     stages off memory with 256 px tiles (not one with 64 px tiles), to scratch files where allowed, else recomputed."""
     import sdvae.planning as planning
 
-    def peak(encoder, shape, dtype, plan):
+    def peak(encoder, shape, dtype, plan, device):
         memory = 50 + 100 * plan.stores.count("memory") + (100 if plan.tile > 64 else 0)
         return memory, 10 * plan.stores.count("files")
 
