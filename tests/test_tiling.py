@@ -249,16 +249,27 @@ def test_scratch_file_activation_reads_back_what_was_written():
         assert torch.equal(store.read(slice(None), slice(None)), want)
 
 
-def test_tiles_run_the_wide_float32_convs_through_winograd():
-    """The tiled encoder's resnet convs take Winograd's F(4x4, 3x3) as the untiled ones do (its speed), and the
-    result still equals the untiled encoder's."""
+def test_tiles_run_the_wide_float32_convs_through_winograd(monkeypatch):
+    """The tiled encoder's resnet convs take Winograd's F(4x4, 3x3) as the untiled ones do (its speed), here on every
+    tile, and the result still equals the untiled encoder's."""
     from torch.profiler import profile
 
+    monkeypatch.setattr(sdvae.tiling, "TILE_WORK", 0)
     enc = VaeEncoder(VaeConfig(block_out_channels=(128, 256), layers_per_block=1, norm_num_groups=32)).eval()
     x = random_images(2, 42, 30)
     with torch.no_grad(), profile(record_shapes=True) as prof:
-        got = enc(x, tile_size=16)
+        got = enc(x, tile_size=24)
     kernels = [e.input_shapes[1] for e in prof.events() if e.name == "aten::bmm"]
     assert [36, 128, 128] in kernels and [36, 128, 256] in kernels and [36, 256, 256] in kernels, kernels
     with torch.no_grad():
         assert rel_err(got, enc(x)) <= TOLERANCE[torch.float32]
+
+
+def test_small_tiles_keep_the_direct_conv():
+    """Every tile transforms the kernel again: tiles too small to repay it stay on oneDNN's conv."""
+    cpu, f32 = torch.device("cpu"), torch.float32
+    narrow, wide = torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.Conv2d(512, 512, 3, padding=1)
+    assert sdvae.tiling.winograd_tile(narrow, 128, 128, f32, cpu) and sdvae.tiling.winograd_tile(wide, 32, 32, f32, cpu)
+    assert not sdvae.tiling.winograd_tile(narrow, 64, 64, f32, cpu)
+    assert not sdvae.tiling.winograd_tile(wide, 16, 16, f32, cpu)
+    assert not sdvae.tiling.winograd_tile(wide, 64, 64, torch.float64, cpu)

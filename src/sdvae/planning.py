@@ -22,7 +22,7 @@ from torch import nn
 from . import winograd
 from .bands import BAND_PIXELS
 from .config import VaeConfig
-from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule
+from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule, winograd_tile
 
 log = logging.getLogger("sdvae")
 
@@ -130,7 +130,8 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
             workspace = max([workspace] + [winograd.workspace_bytes(nodes[k].conv.in_channels,
                                                                     nodes[k].conv.out_channels, *sides[k],
                                                                     dtype.itemsize)
-                                           for k in p.computed if winograd.suits(nodes[k].conv, dtype, device)])
+                                           for k in p.computed
+                                           if winograd_tile(nodes[k].conv, *sides[k], dtype, device)])
         resident = sum(size for where, size in live.values() if where == "memory")
         memory = max(memory, fixed + resident + temporaries * dtype.itemsize + workspace)
         files = max(files, sum(size for where, size in live.values() if where == "files"))
