@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import winograd
-from .bands import BAND_PIXELS
+from .bands import band_spans
 from .config import VaeConfig
 from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule, winograd_tile
 
@@ -90,8 +90,7 @@ def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
     maps = 2.1 if device.type == "cpu" else 4
     attention = 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
     levels = [(c, h >> i, w >> i) for i, c in enumerate(config.block_out_channels)]
-    workspace = max([0] + [winograd.workspace_bytes(c, c, min(rows, max(1, BAND_PIXELS // width)), width,
-                                                    dtype.itemsize)
+    workspace = max([0] + [winograd.workspace_bytes(c, c, band_spans(rows, width)[0][1], width, dtype.itemsize)
                            for c, rows, width in levels if winograd.wide_enough(c, c, dtype, device)])
     return int(maps * activation_bytes(config, shape, dtype)) + attention + workspace
 

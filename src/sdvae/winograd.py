@@ -71,7 +71,7 @@ class Workspace:
     def take(self, conv: nn.Conv2d, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`conv`'s transformed kernel and views of the given shapes, all in this workspace."""
         weight = conv.weight.detach()
-        sizes = [36 * weight.shape[0] * weight.shape[1]] + [torch.Size(shape).numel() for shape in shapes]
+        sizes = _sizes(weight.shape[1], weight.shape[0], shapes)
         if self.buffer is None or self.buffer.numel() < sum(sizes) or self.buffer.dtype != weight.dtype:
             reserve = max(sum(sizes), self.RESERVE // weight.element_size())
             self.buffer, self.kernel_of = weight.new_empty(reserve), None
@@ -125,7 +125,12 @@ def workspace_bytes(c_in: int, c_out: int, rows: int, width: int, element_size: 
     """What a workspace holds for a conv run on `rows` x `width` outputs at a time: its kernel and largest piece
     (the RESERVE aside, of which only the pages used become resident)."""
     shapes = _piece_shapes(min(rows, _step(c_in, c_out, width, element_size)), width, width + 2, c_in, c_out)
-    return (36 * c_in * c_out + sum(torch.Size(s).numel() for s in shapes)) * element_size
+    return sum(_sizes(c_in, c_out, shapes)) * element_size
+
+
+def _sizes(c_in: int, c_out: int, shapes: list[tuple[int, ...]]) -> list[int]:
+    """Elements of a workspace's parts, in its order: the transformed kernel, then the piece buffers."""
+    return [36 * c_in * c_out] + [torch.Size(shape).numel() for shape in shapes]
 
 
 class Conv3x3:
