@@ -143,26 +143,34 @@ def test_inference_runs_resnets_and_downsamples_by_row_bands_into_their_outputs(
     assert all(shape[1] == 3 or shape[2] <= height // 4 for shape in plain), plain  # conv_in; conv_out, quant_conv
 
 
+def winograd_kernels(enc: VaeEncoder, x: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+    """`enc(x)`, the shapes of the transformed kernels its GEMMs read ([36, C_in, C_out]), and the weights of the
+    stride-1 3x3 convs that ran directly (oneDNN's fused-sum conv takes (out, x, weight, ...): a band of a stride-1
+    conv reads 2 halo rows more than it writes; the Downsample conv, stride 2, reads twice as many)."""
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        got = enc(x)
+    direct = [(e.input_shapes[2], e.input_shapes[1][2] - e.input_shapes[0][2]) for e in prof.events()
+              if e.name == "mkldnn::_convolution_pointwise_"]
+    kernels = [e.input_shapes[1] for e in prof.events() if e.name == "aten::bmm"]
+    return got, kernels, [weight for weight, halo in direct if weight[2:] == [3, 3] and halo == 2]
+
+
 def test_float32_resnets_of_128_channels_and_more_run_winograd_by_default():
-    """The 3x3 convs of float32 resnets 128 channels wide and more go through Winograd's F(4x4, 3x3) (sdvae.winograd):
-    36 GEMMs in one batched call instead of oneDNN's direct convolution, and the result stays within float32 parity
-    of the float64 one."""
+    """The 3x3 convs of float32 resnets 128 channels wide and more, on maps large enough, go through Winograd's
+    F(4x4, 3x3) (sdvae.winograd): 36 GEMMs in one batched call instead of oneDNN's direct convolution, and the
+    result stays within float32 parity of the float64 one. Small maps keep the direct conv."""
     config = VaeConfig(block_out_channels=(128, 256), layers_per_block=1, norm_num_groups=32)
     ref = reference_vae(config, seed=6)
     enc = VaeEncoder(config)
     enc.load_hf_state_dict(ref.state_dict())
-    x = random_images(1, 24, 40)
-    with torch.no_grad(), profile(record_shapes=True) as prof:
-        got = enc(x)
-    # oneDNN's fused-sum conv takes (out, x, weight, ...): a band of a stride-1 conv reads 2 halo rows more than it
-    # writes; the Downsample conv (stride 2) reads twice as many.
-    direct = [(e.input_shapes[2], e.input_shapes[1][2] - e.input_shapes[0][2]) for e in prof.events()
-              if e.name == "mkldnn::_convolution_pointwise_"]
-    assert direct and not [weight for weight, halo in direct if weight[2:] == [3, 3] and halo == 2], direct
-    kernels = [e.input_shapes[1] for e in prof.events() if e.name == "aten::bmm"]
+    x = random_images(1, 128, 264)  # the 256-channel level: 64 x 132 pixels, enough at 128 x 256 channels
+    got, kernels, direct = winograd_kernels(enc, x)
     assert [36, 128, 128] in kernels and [36, 128, 256] in kernels and [36, 256, 256] in kernels, kernels
+    assert not direct, direct
     with torch.no_grad():
         assert rel_err(got, ref.double().encode(x.double()).latent_dist.parameters) <= 1e-5
+    _, kernels, direct = winograd_kernels(enc, random_images(1, 24, 40))
+    assert not kernels and len(direct) == 8, (kernels, direct)  # the down blocks' 2 resnets, the mid block's 2
 
 
 def test_compiled_encoder_and_decoder_match_diffusers(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sdvae.tiling
+import sdvae.winograd
 from reference import random_images, reference_vae, rel_err
 from sdvae import VaeConfig, VaeEncoder
 
@@ -254,7 +255,7 @@ def test_tiles_run_the_wide_float32_convs_through_winograd(monkeypatch):
     tile, and the result still equals the untiled encoder's."""
     from torch.profiler import profile
 
-    monkeypatch.setattr(sdvae.tiling, "TILE_WORK", 0)
+    monkeypatch.setattr(sdvae.winograd, "MIN_WORK", 0)
     enc = VaeEncoder(VaeConfig(block_out_channels=(128, 256), layers_per_block=1, norm_num_groups=32)).eval()
     x = random_images(2, 42, 30)
     with torch.no_grad(), profile(record_shapes=True) as prof:
@@ -263,13 +264,3 @@ def test_tiles_run_the_wide_float32_convs_through_winograd(monkeypatch):
     assert [36, 128, 128] in kernels and [36, 128, 256] in kernels and [36, 256, 256] in kernels, kernels
     with torch.no_grad():
         assert rel_err(got, enc(x)) <= TOLERANCE[torch.float32]
-
-
-def test_small_tiles_keep_the_direct_conv():
-    """Every tile transforms the kernel again: tiles too small to repay it stay on oneDNN's conv."""
-    cpu, f32 = torch.device("cpu"), torch.float32
-    narrow, wide = torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.Conv2d(512, 512, 3, padding=1)
-    assert sdvae.tiling.winograd_tile(narrow, 128, 128, f32, cpu) and sdvae.tiling.winograd_tile(wide, 32, 32, f32, cpu)
-    assert not sdvae.tiling.winograd_tile(narrow, 64, 64, f32, cpu)
-    assert not sdvae.tiling.winograd_tile(wide, 16, 16, f32, cpu)
-    assert not sdvae.tiling.winograd_tile(wide, 64, 64, torch.float64, cpu)

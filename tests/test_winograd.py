@@ -36,10 +36,10 @@ def test_the_transforms_compute_a_correlation_of_4_outputs():
 
 def test_kernel_transform_is_g_w_g_transposed():
     g = torch.tensor(winograd._G, dtype=torch.float64)
-    w = torch.randn(5, 7, 3, 3, dtype=torch.float64)
+    w = torch.randn(5, 7, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = torch.stack([g @ w[o, i] @ g.T for o in range(5) for i in range(7)]).view(5, 7, 36).permute(2, 1, 0)
     for weight in (w, w.contiguous(memory_format=torch.channels_last)):
-        assert torch.allclose(winograd.transform_kernel(weight), want, rtol=0, atol=1e-15)
+        assert torch.allclose(winograd.transform_kernel(weight), want, rtol=0, atol=1e-14)  # a few float64 ulps
 
 
 @pytest.mark.parametrize("rows,width", [(8, 16), (7, 13), (1, 1), (33, 6), (6, 5), (10, 18)])  # any remainder
@@ -93,14 +93,24 @@ def test_convs_sharing_a_workspace_do_not_disturb_each_other(reserve, monkeypatc
 
 
 def test_winograd_takes_the_wide_float32_cpu_convs_only():
-    cpu = torch.device("cpu")
+    cpu, f32, many = torch.device("cpu"), torch.float32, 128 * 128  # output pixels
     wide = nn.Conv2d(256, 256, 3, padding=1)
-    assert winograd.suits(wide, torch.float32, cpu) and winograd.suits(nn.Conv2d(128, 128, 3), torch.float32, cpu)
-    assert not winograd.suits(wide, torch.float64, cpu) and not winograd.suits(wide, torch.bfloat16, cpu)
-    assert not winograd.suits(wide, torch.float32, torch.device("meta"))
-    assert not winograd.suits(nn.Conv2d(64, 128, 3), torch.float32, cpu)  # GEMMs too small: oneDNN's direct conv
-    assert not winograd.suits(nn.Conv2d(256, 256, 3, stride=2), torch.float32, cpu)
-    assert not winograd.suits(nn.Conv2d(256, 256, 1), torch.float32, cpu)
+    assert winograd.suits(wide, many, f32, cpu) and winograd.suits(nn.Conv2d(128, 128, 3), many, f32, cpu)
+    assert not winograd.suits(wide, many, torch.float64, cpu) and not winograd.suits(wide, many, torch.bfloat16, cpu)
+    assert not winograd.suits(wide, many, f32, torch.device("meta"))
+    assert not winograd.suits(nn.Conv2d(64, 128, 3), many, f32, cpu)  # GEMMs too small: oneDNN's direct conv
+    assert not winograd.suits(nn.Conv2d(256, 256, 3, stride=2), many, f32, cpu)
+    assert not winograd.suits(nn.Conv2d(256, 256, 1), many, f32, cpu)
+
+
+def test_small_maps_keep_the_direct_conv():
+    """The transformed kernel (4x the weights) must be made and read once per map, or per tile: on too few pixels
+    the direct conv is faster."""
+    cpu, f32 = torch.device("cpu"), torch.float32
+    narrow, wide = nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(512, 512, 3, padding=1)
+    assert winograd.suits(narrow, 128 * 128, f32, cpu) and winograd.suits(wide, 32 * 32, f32, cpu)
+    assert not winograd.suits(narrow, 64 * 64, f32, cpu) and not winograd.suits(wide, 16 * 16, f32, cpu)
+    assert winograd.suits(wide, 4 * 16 * 16, f32, cpu)  # a batch of 4 maps shares one transform
 
 
 def test_a_scope_shares_one_workspace_and_frees_it():

@@ -59,10 +59,11 @@ def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) ->
 
 
 def conv3x3_runners(convs: Iterable[nn.Conv2d], x: torch.Tensor) -> list[Callable[..., None]]:
-    """`run(band, out, add)` for each 3x3 conv of a resnet, as `conv_into` takes them: Winograd's F(4x4, 3x3)
-    where it is faster (`sdvae.winograd`: float32, wide convs), in the forward pass's workspace; else oneDNN's."""
-    workspace = winograd.shared()
-    return [winograd.Conv3x3(conv, workspace) if winograd.suits(conv, x.dtype, x.device)
+    """`run(band, out, add)` for each 3x3 conv of a resnet over `x`, as `conv_into` takes them: Winograd's F(4x4, 3x3)
+    where it is faster (`sdvae.winograd`: float32, wide convs, large maps), in the forward pass's workspace; else
+    oneDNN's."""
+    workspace, pixels = winograd.shared(), x.shape[0] * x.shape[2] * x.shape[3]
+    return [winograd.Conv3x3(conv, workspace) if winograd.suits(conv, pixels, x.dtype, x.device)
             else (lambda band, out, add, conv=conv: conv_into(conv, band, out, add)) for conv in convs]
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from . import winograd
 from .bands import band_spans
 from .config import VaeConfig
-from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule, winograd_tile
+from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule
 
 log = logging.getLogger("sdvae")
 
@@ -91,7 +91,7 @@ def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
     attention = 4 * tokens * config.block_out_channels[-1] * dtype.itemsize
     levels = [(c, h >> i, w >> i) for i, c in enumerate(config.block_out_channels)]
     workspace = max([0] + [winograd.workspace_bytes(c, c, band_spans(rows, width)[0][1], width, dtype.itemsize)
-                           for c, rows, width in levels if winograd.wide_enough(c, c, dtype, device)])
+                           for c, rows, width in levels if winograd.gains(c, c, b * rows * width, dtype, device)])
     return int(maps * activation_bytes(config, shape, dtype)) + attention + workspace
 
 
@@ -130,7 +130,7 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
                                                                     nodes[k].conv.out_channels, *sides[k],
                                                                     dtype.itemsize)
                                            for k in p.computed
-                                           if winograd_tile(nodes[k].conv, *sides[k], dtype, device)])
+                                           if winograd.suits(nodes[k].conv, b * pixels[k], dtype, device)])
         resident = sum(size for where, size in live.values() if where == "memory")
         memory = max(memory, fixed + resident + temporaries * dtype.itemsize + workspace)
         files = max(files, sum(size for where, size in live.values() if where == "files"))

@@ -31,8 +31,6 @@ from .layers import Attention, recording
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
 Shapes = dict[int, tuple[int, ...]]
-TILE_WORK = 1 << 28  # output pixels x C_in x C_out from which a tile's conv takes Winograd: twice the break-even
-# measured (AVX2), 64^2 pixels at 128 channels, 24^2 at 512, where the kernel's transform and the calls weigh
 ATTENTION_BLOCK = 4096  # tokens per query and key block: a 4096 x 4096 float32 score block is 64 MiB
 
 
@@ -274,18 +272,11 @@ def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
     return values[computed[-1]][0]
 
 
-def winograd_tile(conv: nn.Conv2d, rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `conv` runs through Winograd on a tile of `rows` x `columns` outputs: where it suits and the tile is
-    large enough to repay the kernel's transform, which every tile repeats (TILE_WORK)."""
-    return (winograd.suits(conv, dtype, device)
-            and rows * columns * conv.in_channels * conv.out_channels >= TILE_WORK)
-
-
 def _conv(conv: nn.Conv2d, piece: torch.Tensor) -> torch.Tensor:
     """`conv` over `piece`, which holds the zero border: through Winograd's F(4x4, 3x3) on tiles where it gains
     (`sdvae.winograd`, in the pass's workspace), else oneDNN's conv."""
     b, _, h, w = piece.shape
-    if not winograd_tile(conv, h - 2, w - 2, piece.dtype, piece.device):
+    if not winograd.suits(conv, b * (h - 2) * (w - 2), piece.dtype, piece.device):  # one kernel transform per tile
         return F.conv2d(piece, conv.weight, conv.bias, stride=conv.stride)
     y = torch.empty(b, conv.out_channels, h - 2, w - 2, dtype=piece.dtype, device=piece.device,
                     memory_format=torch.channels_last)

@@ -28,18 +28,24 @@ _G = ((1, 0, 0), (-1 / 3, 1 / 3, -1 / 3), (1 / 3, 1 / 3, 1 / 3), (-16 / 15, -8 /
 _AT = ((1, 1, 1, 1, 1, 0), (0, -1, 1, 1 / 2, -2, 0), (0, 1, 1, 1 / 4, 4, 0), (0, -1, 1, 1 / 8, -8, 1))
 _BIAS_TERM = 2 * 6 + 2  # A^T's column 2 (the point 1) is all ones: product (2, 2) reaches each output once
 WORKSPACE_BYTES = 32 << 20  # the transformed tiles and products of one piece of a band
-MIN_WORK = 128 * 128  # C_in x C_out below which the GEMMs are too small to gain
+MIN_CHANNELS = 128 * 128  # C_in x C_out below which the GEMMs are too small to gain
+MIN_WORK = 1 << 28  # output pixels x C_in x C_out that one transform of the kernel must serve to repay it: twice the
+# break-even measured (AVX2), 64^2 pixels at 128 channels, 24^2 at 512
 
 
-def suits(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `conv` runs faster here than directly: a float32 CPU 3x3 conv of stride 1, wide enough."""
+def suits(conv: nn.Conv2d, pixels: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `conv` over `pixels` output pixels (all that one transform of its kernel serves: a batch of whole
+    maps, or one tile) runs faster here than directly: a float32 CPU 3x3 conv of stride 1, wide enough."""
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and wide_enough(conv.in_channels, conv.out_channels, dtype, device))
+            and gains(conv.in_channels, conv.out_channels, pixels, dtype, device))
 
 
-def wide_enough(c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a 3x3 conv of stride 1 with these widths runs faster here than directly: float32 on the CPU."""
-    return device.type == "cpu" and dtype == torch.float32 and c_in * c_out >= MIN_WORK
+def gains(c_in: int, c_out: int, pixels: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a 3x3 conv of stride 1 with these widths over `pixels` output pixels runs faster here than directly:
+    float32 on the CPU, GEMMs large enough (MIN_CHANNELS), and enough pixels to repay the kernel's transform (MIN_WORK;
+    on small maps the transformed kernel, 4x the weights, costs more to make and read than the direct conv)."""
+    return (device.type == "cpu" and dtype == torch.float32 and c_in * c_out >= MIN_CHANNELS
+            and pixels * c_in * c_out >= MIN_WORK)
 
 
 def transform_kernel(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
