@@ -15,6 +15,8 @@ from torch import nn
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2 per (sample, group), float64
 STATS_CHUNK = 16384  # pixels per chunk of the squared-deviation pass (a row band of `sdvae.bands` in one go)
+HALF_CHUNK = 1 << 19  # elements of a half-precision map normalized at once in float32 (2 MiB: about an L2 cache)
+HALF = (torch.float16, torch.bfloat16)
 
 
 def group_stats(x: torch.Tensor, groups: int) -> Stats:
@@ -40,7 +42,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     own resolution (relative 5e-5 on the variance of a map with mean 5, std 3).
     """
     b, c, h, w = x.shape
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype in HALF:
         one = torch.ones(c, device=x.device)  # float32 affine parameters select the float32 statistics
         stats = [torch.native_batch_norm(x[i:i + 1], one, one, None, None, True, 0.0, 0.0)[1:] for i in range(b)]
         mean = torch.stack([m for m, _ in stats])
@@ -60,58 +62,63 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
 
 
 def affine(norm: nn.GroupNorm, stats: Stats, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GroupNorm as `x * scale + shift` per sample and channel (`[B, C, 1, 1]` each), from whole-map stats,
-    in the map's dtype (CPU kernels for mixed float32/bfloat16 arithmetic are several times slower)."""
+    """The GroupNorm as `x * scale + shift` per sample and channel (`[B, C, 1, 1]` each), from whole-map stats.
+
+    In the map's dtype, except float32 for half-precision maps: rounded to half precision, `scale` and `shift` would
+    put an error of about |mean| / std ulps on every value (see `normalize`).
+    """
     count, mean, m2 = stats
     per_group = norm.num_channels // norm.num_groups
     rstd = torch.rsqrt(m2 / count + norm.eps).repeat_interleave(per_group, dim=1)
     scale = rstd * norm.weight.double()
     shift = norm.bias.double() - mean.repeat_interleave(per_group, dim=1) * scale
+    dtype = torch.float32 if dtype in HALF else dtype
     return scale.to(dtype)[:, :, None, None], shift.to(dtype)[:, :, None, None]
 
 
 def norm_silu_rows(norm: nn.GroupNorm, stats: Stats, dtype: torch.dtype
                    ) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`apply(i, rows, out)`: SiLU(GroupNorm(rows)) of sample i's `rows` into `out`, with whole-map `stats`.
-
-    float32/float64: `rows * scale + shift` in the map's dtype. float16/bfloat16: PyTorch's batch-norm inference
-    kernel fed the group statistics per channel, which computes in float32 and rounds once; `scale` and `shift`
-    rounded to half precision would put an error of about |mean| / std ulps on every value.
-    """
-    if dtype not in (torch.float16, torch.bfloat16):
-        scale, shift = affine(norm, stats, dtype)
-        return lambda i, rows, out: normalize(rows, scale[i:i + 1], shift[i:i + 1], silu=True, out=out)
-    count, mean, m2 = stats
-    per_group = norm.num_channels // norm.num_groups
-    means = mean.float().repeat_interleave(per_group, dim=1)
-    variances = (m2 / count).float().repeat_interleave(per_group, dim=1)
-    weight, bias = norm.weight.float(), norm.bias.float()
-
-    def apply(i: int, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        torch.ops.aten.native_batch_norm.out(rows, weight, bias, means[i], variances[i], False, 0.0, norm.eps,
-                                             out=out, save_mean=torch.empty(0), save_invstd=torch.empty(0))
-        return F.silu(out, inplace=True)
-
-    return apply
+    """`apply(i, rows, out)`: SiLU(GroupNorm(rows)) of sample i's `rows` into `out`, with whole-map `stats`."""
+    scale, shift = affine(norm, stats, dtype)
+    return lambda i, rows, out: normalize(rows, scale[i:i + 1], shift[i:i + 1], silu=True, out=out)
 
 
 def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """`x * scale + shift`, then SiLU if asked, into `out` (which may be `x` itself) or a new tensor."""
+    """`x * scale + shift`, then SiLU if asked, into `out` (which may be `x` itself) or a new tensor.
+
+    A half-precision `x` with float32 `scale` and `shift` (as `affine` gives them) is computed in float32, a chunk
+    of rows at a time (each chunk stays in cache), and rounded once into `out`: rounding the normalized value and
+    then its SiLU again would add a third to the bfloat16 encoder's error against float32.
+    """
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):  # autograd: no out=, no in place
         y = torch.addcmul(shift, x, scale)
-        return F.silu(y) if silu else y
-    y = torch.addcmul(shift, x, scale, out=torch.empty_like(x) if out is None else out)
-    return F.silu(y, inplace=True) if silu else y
+        return (F.silu(y) if silu else y).to(x.dtype)
+    out = torch.empty_like(x) if out is None else out
+    if x.dtype == scale.dtype:
+        y = torch.addcmul(shift, x, scale, out=out)
+        return F.silu(y, inplace=True) if silu else y
+    b, c, h, w = x.shape
+    rows = max(1, HALF_CHUNK // (b * c * w))
+    buffer = torch.empty(b, min(rows, h), w, c, dtype=scale.dtype, device=x.device).permute(0, 3, 1, 2)
+    for r0 in range(0, h, rows):
+        part = buffer[:, :, :min(rows, h - r0)]
+        part.copy_(x[:, :, r0:r0 + rows])
+        torch.addcmul(shift, part, scale, out=part)
+        if silu:
+            F.silu(part, inplace=True)
+        out[:, :, r0:r0 + rows].copy_(part)
+    return out
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, inplace: bool = False) -> torch.Tensor:
     """GroupNorm (then SiLU if asked) of a whole map; `inplace` overwrites `x` unless autograd is recording.
 
-    float16/bfloat16 maps use PyTorch's kernel: its precision loss is far below those dtypes' resolution, and it
-    avoids the slow conversions the exact statistics would need there.
+    Half-precision maps on GPUs or under autograd take PyTorch's kernel (then SiLU, rounding twice): one fused
+    kernel on a GPU, and gradients through the statistics, which `channel_stats` does not give in half precision.
     """
-    if x.dtype in (torch.float16, torch.bfloat16):
+    recording = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
+    if x.dtype in HALF and (x.device.type != "cpu" or recording):
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(y, inplace=not y.requires_grad) if silu else y
     scale, shift = affine(norm, group_stats(x, norm.num_groups), x.dtype)
