@@ -1,14 +1,15 @@
 """Winograd's F(4x4, 3x3): a 3x3 convolution in 4x fewer multiplications, for float32 on the CPU.
 
-Each 4x4 output tile is `A^T [(G w G^T) * (B^T d B)] A`, d the 6x6 input tile around it (stride 4). Summed over
-input channels, the 36 elementwise products become 36 matrix products `[tiles, C_in] @ [C_in, C_out]`, one batched
-GEMM, so the multiplications drop from 9 to 2.25 per output value. The transforms are small matrices applied along
-rows, then columns, one pass over a band per nonzero entry. The matrices come from the Cook-Toom construction at the
-points 0, -1, 1, 1/2, -2 and infinity: of the sets tried, the most accurate in float32 (against float64, 1.5e-6
-relative for a 256-channel conv, 2.3e-6 at 0, +-1, +-2, 8.6e-7 for oneDNN's direct conv; 4e-6 for the whole
-encoder, within float32 parity; `bench/README.md`). B^T and A^T hold dyadic fractions, exact in float32. Per conv
-this takes 0.4-0.5x oneDNN's direct time at 256 and 512 channels, 0.8x at 128. A band goes through in pieces of a
-few rows, so the transformed tiles are still in cache when the GEMM reads them.
+Each 4x4 output tile is `A^T [(G w G^T) * (B^T d B)] A`, d the 6x6 input tile around it (stride 4). Summed over input
+channels, the 36 elementwise products become 36 matrix products `[tiles, C_in] @ [C_in, C_out]`, one batched GEMM, so
+the multiplications drop from 9 to 2.25 per output value. The transforms are small matrices applied along the rows of
+each row of tiles (a batched GEMM with 6 terms: one read and one write of each value), and along the columns (one
+elementwise pass per nonzero entry: there a GEMM would be one tiny product per tile). The matrices come from the
+Cook-Toom construction at the points 0, -1, 1, 1/2, -2 and infinity: of the sets tried, the most accurate in float32
+(against float64, 1.5e-6 relative for a 256-channel conv, 2.3e-6 at 0, +-1, +-2, 8.6e-7 for oneDNN's direct conv; 4e-6
+for the whole encoder, within float32 parity; `bench/README.md`). B^T and A^T hold dyadic fractions, exact in float32.
+Per conv this takes 0.4-0.5x oneDNN's direct time at 256 and 512 channels, 0.8x at 128. A band goes through in pieces of
+a few rows, so the transformed tiles are still in cache when the GEMM reads them.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _piece_shapes(rows: int, width: int, columns: int, c_in: int, c_out: int) ->
     tiles, products, columns-transformed products, then the zero-extended input and output when a side is not a
     multiple of 4."""
     h, w = -(-rows // 4), -(-width // 4)  # tiles down and across
-    shapes = [(6, h, 4 * w + 2, c_in), (36, h * w, c_in), (36, h * w, c_out), (6, 4, h, w, c_out)]
+    shapes = [(h, 6, 4 * w + 2, c_in), (36, h * w, c_in), (36, h * w, c_out), (h, 6, w, 4, c_out)]
     if rows % 4:
         shapes.append((4 * h + 2, columns, c_in))
     if rows % 4 or width % 4:
@@ -150,6 +151,7 @@ class Conv3x3:
         self.conv = conv
         self.bias = conv.bias.detach() if conv.bias is not None else None
         self.workspace = workspace
+        self.bt, self.at = (torch.tensor(m, dtype=conv.weight.dtype, device=conv.weight.device) for m in (_BT, _AT))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
         c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
@@ -169,22 +171,21 @@ class Conv3x3:
         d = x[0].permute(1, 2, 0)  # [rows, columns, C_in]: each pixel's channels contiguous
         if rows % 4:  # the last tiles read zero rows below the band
             d = _extend(d, extended.pop(0))
-        # B^T d B: along rows into `across` [6, h, columns with their zero padding, C_in], then along columns.
+        # B^T d B: along rows into `across` [h, 6, columns with their zero padding, C_in], then along columns.
         across[:, :, :pad].zero_()
         across[:, :, pad + x.shape[3]:].zero_()
-        _apply(_BT, [d[k:k + 4 * h:4] for k in range(6)], across[:, :, pad:pad + x.shape[3]])
+        _tile_rows(self.bt, d.unfold(0, 6, 4).permute(0, 3, 1, 2), across[:, :, pad:pad + x.shape[3]])
         v = tiles.view(6, 6, h, w, c_in)  # [row term, column term, h, w, C_in]
-        columns = across.permute(2, 0, 1, 3)
+        columns = across.permute(2, 1, 0, 3)
         _apply(_BT, [columns[k:k + 4 * w:4] for k in range(6)], v.permute(1, 3, 0, 2, 4))  # all row terms at once
         torch.bmm(tiles, kernel, out=products)
         if self.bias is not None:
             products[_BIAS_TERM] += self.bias
-        # A^T m A: along columns into `half` [6, 4, h, w, C_out], then along rows into the output.
+        # A^T m A: along columns into `half` [h, 6, w, 4, C_out], then along rows into the output.
         m = products.view(6, 6, h, w, c_out)
-        _apply(_AT, m.transpose(0, 1), half.transpose(0, 1))
+        _apply(_AT, m.transpose(0, 1), half.permute(3, 1, 0, 2, 4))
         y = extended[0] if extended else out[0].permute(1, 2, 0)
-        y = y.view(h, 4, w, 4, c_out).permute(1, 0, 2, 3, 4)  # [row in tile, h, w, column in tile, C_out]
-        _apply(_AT, half.permute(0, 2, 3, 1, 4), y, add=add and not extended)
+        _tile_rows(self.at, half, y.view(h, 4, 4 * w, c_out), add=add and not extended)
         if extended:
             target, result = out[0].permute(1, 2, 0), extended[0][:rows, :width]
             if add:
@@ -197,6 +198,17 @@ def _extend(d: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     """`d` in the top-left corner of `into`, zeros elsewhere."""
     into.zero_()[:d.shape[0], :d.shape[1]] = d
     return into
+
+
+def _tile_rows(matrix: torch.Tensor, src: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
+    """`out[i] = matrix @ src[i]` (`+=` with `add`) for each row of tiles i: `src` `[h, K, ...]`, `out` `[h, M, ...]`,
+    each `[...]` a run of contiguous memory; one batched GEMM, which reads and writes each value once."""
+    src, out = (t.view(t.shape[0], t.shape[1], -1) for t in (src, out))
+    batch = matrix.expand(src.shape[0], -1, -1)
+    if add:
+        out.baddbmm_(batch, src)
+    else:
+        torch.bmm(batch, src, out=out)
 
 
 def _apply(matrix: Sequence[Sequence[float]], src: Sequence[torch.Tensor], out: torch.Tensor,
