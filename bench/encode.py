@@ -1,8 +1,12 @@
 """sdvae vs diffusers: encoder time, peak memory and error, beside the conv floor. Prints one markdown table.
 
 Every measurement runs in a fresh process (clean peak-memory readings) on the same random SD 1.5 weights and
-input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2] [--compile]
+input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2] [--compile] [--bfloat16]
   --compile adds sdvae-compiled rows: `load_encoder(..., compile=True)`, warmed up (compiled) at the timed size.
+  --bfloat16 adds the bfloat16 rows on a CPU without native bfloat16 too (they come by themselves where it is
+  native): there its convs are emulated, so the times mean little, but the errors are those of a native CPU (the
+  same products and float32 sums), except that the residual add rounds twice; diffusers' NCHW layout and OpenVINO
+  are left out (400x slower emulated), the ratios are against diffusers-cl.
   time: best of a few runs after a warm-up at 64 px; peak: rise of resident memory (VmHWM) during the timed runs,
   model loaded; err: relative L2 error of the mean against float32 diffusers (eager).
   floor: the encoder's convolutions alone, channels-last float32, same shapes (what no float32 encoder can beat).
@@ -116,13 +120,14 @@ def measure(kind: str, size: int, dtype: str, weights: Path, tmp: Path, threads:
 
 
 def main() -> None:
-    args = parse_args([256, 512, 1024], worker_fields=4, flags=("--compile",))
+    args = parse_args([256, 512, 1024], worker_fields=4, flags=("--compile", "--bfloat16"))
     if args.worker:
         kind, size, dtype, weights, out = args.worker
         return worker(kind, int(size), dtype, Path(weights), Path(out))
 
     _, flags = cpu()
-    dtypes = ["float32"] + (["bfloat16"] if native_bf16(flags) else [])
+    native = native_bf16(flags)
+    dtypes = ["float32"] + (["bfloat16"] if native or args.bfloat16 else [])
     import importlib.util
 
     kinds = KINDS if importlib.util.find_spec("openvino") else KINDS[:-1]
@@ -130,8 +135,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
     weights = random_sd15_weights(tmp)
     print(f"{cpu_line(args.threads)}, torch {torch.__version__}, SD 1.5 encoder, random weights, batch 1")
-    if "bfloat16" not in dtypes:
-        print("no native bfloat16 on this CPU: bfloat16 rows skipped")
+    if not native:
+        print("no native bfloat16 on this CPU: " + ("bfloat16 rows emulated (times mean little), against diffusers-cl"
+                                                    if args.bfloat16 else "bfloat16 rows skipped"))
     print("| size | dtype | impl | time s | peak MiB | time / diffusers | time / floor | peak / diffusers | err vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -139,13 +145,15 @@ def main() -> None:
         floor_s = floor["seconds"] if isinstance(floor, dict) else float("nan")
         base = None
         for dtype in dtypes:
-            results = {k: measure(k, size, dtype, weights, tmp, args.threads) for k in kinds if k != "floor"}
+            emulated = dtype == "bfloat16" and not native
+            results = {k: measure(k, size, dtype, weights, tmp, args.threads) for k in kinds
+                       if k != "floor" and not (emulated and k in ("diffusers", "openvino"))}
             base = base if base is not None else results["diffusers"]
             for kind, r in results.items():
                 if isinstance(r, str):
                     print(f"| {size} | {dtype} | {kind} | failed: {r.splitlines()[-1]} | | | | | |")
                     continue
-                ref = results["diffusers"]
+                ref = results["diffusers-cl" if emulated else "diffusers"]
                 err = rel_err(r["mean"], base["mean"])
                 print(f"| {size} | {dtype} | {kind} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | "
                       f"{r['seconds'] / ref['seconds']:.2f} | {r['seconds'] / floor_s:.2f} | "
