@@ -78,8 +78,8 @@ def test_bfloat16_fast_path_is_closer_to_float32_than_diffusers_bfloat16(family,
     x = random_images(1, 128, 128)  # large enough that the error is a property of the path, not of a few values
     with torch.no_grad():
         want = ref.encode(x).latent_dist.mean
-        # diffusers channels-last: the same precision class, and on a CPU without native bfloat16 (AVX2) its
-        # default layout runs emulated convs 40x slower still (18 s for one 128-channel conv at 128 px)
+        # diffusers channels-last: its NCHW layout rounds alike, and on a CPU without native bfloat16 (AVX2) runs
+        # emulated convs 40x slower still (18 s for one 128-channel conv at 128 px)
         theirs = copy.deepcopy(ref).to(torch.bfloat16, memory_format=torch.channels_last)
         theirs = theirs.encode(x.bfloat16().contiguous(memory_format=torch.channels_last)).latent_dist.mean
         got = enc.to(torch.bfloat16).encode(x, tile_size=tile_size).mean
@@ -111,6 +111,33 @@ def test_half_precision_group_norm_and_silu_round_once(dtype, inplace, monkeypat
     near_zero = (got.double() - want.double()).abs() < 1e-6  # float32's absolute error, seen in float16 there
     assert ((got == want) | (got == up) | (got == down) | near_zero).all()  # else never more than a last-bit flip
     assert (got != want).double().mean() < 2e-3  # float32 vs float64 arithmetic flips only near-ties
+
+
+def test_half_precision_group_norm_with_only_the_bias_trained_keeps_gradients():
+    """Bias-only fine-tuning (frozen weight, trainable bias) records autograd through the GroupNorm in half
+    precision too: PyTorch's kernel takes it, not the out= path."""
+    from sdvae import groupnorm
+
+    norm = torch.nn.GroupNorm(4, 16).bfloat16()
+    norm.weight.requires_grad_(False)
+    groupnorm.group_norm(norm, torch.randn(2, 16, 8, 8).bfloat16(), silu=True).float().sum().backward()
+    assert norm.bias.grad is not None and norm.bias.grad.abs().sum() > 0
+
+
+def test_a_resnet_called_on_an_nchw_map_equals_the_channels_last_result(monkeypatch):
+    """The encoder keeps maps channels-last; a block called directly on an NCHW map takes the whole-map path (the
+    row bands and the Winograd transforms read each band as one run of memory) with the same result."""
+    from sdvae import winograd
+    from sdvae.layers import ResnetBlock
+
+    monkeypatch.setattr(winograd, "MIN_WORK", 0)
+    torch.manual_seed(0)
+    block = ResnetBlock(128, 128, 32).requires_grad_(False)
+    x = torch.randn(1, 128, 24, 20)  # sides multiples of 4: the transforms write straight into the output
+    with torch.no_grad():
+        nchw = block(x.clone())
+        cl = block(x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(nchw, cl) <= 1e-5
 
 
 def test_bfloat16_on_a_cpu_without_native_support_warns_once(monkeypatch):

@@ -91,7 +91,7 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: b
     of rows at a time (each chunk stays in cache), and rounded once into `out`: rounding the normalized value, then
     its SiLU, made the bfloat16 encoder's error against float32 1.14x larger (SD 1.5, 128 px, `bench/README.md`).
     """
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):  # autograd: no out=, no in place
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):  # no out=
         y = torch.addcmul(shift, x, scale)
         return (F.silu(y) if silu else y).to(x.dtype)
     out = torch.empty_like(x) if out is None else out
@@ -99,7 +99,8 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: b
         y = torch.addcmul(shift, x, scale, out=out)
         return F.silu(y, inplace=True) if silu else y
     b, c, h, w = x.shape
-    rows = max(1, HALF_CHUNK // (b * c * w))
+    whole = x.device.type != "cpu" or torch.compiler.is_compiling()  # chunks fit a CPU cache; GPUs take one
+    rows = h if whole else max(1, HALF_CHUNK // max(1, b * c * w))
     buffer = torch.empty(b, min(rows, h), w, c, dtype=scale.dtype, device=x.device).permute(0, 3, 1, 2)
     for r0 in range(0, h, rows):
         part = buffer[:, :, :min(rows, h - r0)]
@@ -117,7 +118,7 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, inplace:
     Half-precision maps on GPUs or under autograd take PyTorch's kernel (then SiLU, rounding twice): one fused
     kernel on a GPU, and gradients through the statistics, which `channel_stats` does not give in half precision.
     """
-    recording = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
+    recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters()))
     if x.dtype in HALF and (x.device.type != "cpu" or recording):
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(y, inplace=not y.requires_grad) if silu else y

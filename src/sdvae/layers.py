@@ -21,9 +21,11 @@ def recording(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def by_bands(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module(x)` takes the row-band path of `sdvae.bands`: on the CPU, when autograd does not record it
-    and torch.compile is not tracing it (row bands write in place; GPUs and compiled graphs keep whole maps)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not recording(module, x)
+    """Whether `module(x)` takes the row-band path of `sdvae.bands`: on the CPU, for a channels-last `x` (each row
+    band one run of memory), when autograd does not record it and torch.compile is not tracing it (row bands write
+    in place; GPUs and compiled graphs keep whole maps)."""
+    return (x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling() and not recording(module, x))
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
