@@ -19,6 +19,11 @@ HALF_CHUNK = 1 << 19  # elements of a half-precision map normalized at once in f
 HALF = (torch.float16, torch.bfloat16)
 
 
+def recording(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd records `module(x)`: then only out-of-place ops, no writes into kept maps."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 def group_stats(x: torch.Tensor, groups: int) -> Stats:
     """(count, mean, M2) per sample and group of `x` `[B, C, H, W]`, in float64.
 
@@ -118,8 +123,7 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, inplace:
     Half-precision maps on GPUs or under autograd take PyTorch's kernel (then SiLU, rounding twice): one fused
     kernel on a GPU, and gradients through the statistics, which `channel_stats` does not give in half precision.
     """
-    recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters()))
-    if x.dtype in HALF and (x.device.type != "cpu" or recording):
+    if x.dtype in HALF and (x.device.type != "cpu" or recording(norm, x)):
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(y, inplace=not y.requires_grad) if silu else y
     scale, shift = affine(norm, group_stats(x, norm.num_groups), x.dtype)

@@ -7,17 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import bands, groupnorm
+from .groupnorm import recording
 
 GROUP_NORM_EPS = 1e-6
 
 
 def group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels, eps=GROUP_NORM_EPS)
-
-
-def recording(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether autograd records `module(x)`: then only out-of-place ops, no writes into kept maps."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def by_bands(module: nn.Module, x: torch.Tensor) -> bool:

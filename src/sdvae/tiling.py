@@ -25,8 +25,8 @@ from torch import nn
 
 from . import winograd
 from .activations import FileActivation, RamActivation
-from .groupnorm import Stats, affine, group_stats, merge_stats, normalize
-from .layers import Attention, recording
+from .groupnorm import Stats, affine, group_stats, merge_stats, normalize, recording
+from .layers import Attention
 
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)

@@ -14,6 +14,7 @@ a few rows, so the transformed tiles are still in cache when the GEMM reads them
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -151,7 +152,6 @@ class Conv3x3:
         self.conv = conv
         self.bias = conv.bias.detach() if conv.bias is not None else None
         self.workspace = workspace
-        self.bt, self.at = (torch.tensor(m, dtype=conv.weight.dtype, device=conv.weight.device) for m in (_BT, _AT))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
         c_in, (c_out, rows, width) = x.shape[1], out.shape[1:]
@@ -174,7 +174,8 @@ class Conv3x3:
         # B^T d B: along rows into `across` [h, 6, columns with their zero padding, C_in], then along columns.
         across[:, :, :pad].zero_()
         across[:, :, pad + x.shape[3]:].zero_()
-        _tile_rows(self.bt, d.unfold(0, 6, 4).permute(0, 3, 1, 2), across[:, :, pad:pad + x.shape[3]])
+        rows_of_tiles = d.unfold(0, 6, 4).permute(0, 3, 1, 2)  # [h, 6, columns, C_in]: a view, rows overlapping
+        _tile_rows(_matrix(_BT, x.dtype, x.device), rows_of_tiles, across[:, :, pad:pad + x.shape[3]])
         v = tiles.view(6, 6, h, w, c_in)  # [row term, column term, h, w, C_in]
         columns = across.permute(2, 1, 0, 3)
         _apply(_BT, [columns[k:k + 4 * w:4] for k in range(6)], v.permute(1, 3, 0, 2, 4))  # all row terms at once
@@ -185,7 +186,7 @@ class Conv3x3:
         m = products.view(6, 6, h, w, c_out)
         _apply(_AT, m.transpose(0, 1), half.permute(3, 1, 0, 2, 4))
         y = extended[0] if extended else out[0].permute(1, 2, 0)
-        _tile_rows(self.at, half, y.view(h, 4, 4 * w, c_out), add=add and not extended)
+        _tile_rows(_matrix(_AT, x.dtype, x.device), half, y.view(h, 4, 4 * w, c_out), add=add and not extended)
         if extended:
             target, result = out[0].permute(1, 2, 0), extended[0][:rows, :width]
             if add:
@@ -198,6 +199,12 @@ def _extend(d: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     """`d` in the top-left corner of `into`, zeros elsewhere."""
     into.zero_()[:d.shape[0], :d.shape[1]] = d
     return into
+
+
+@functools.cache
+def _matrix(entries: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A transform matrix as a tensor, made once per dtype and device (tiles make a `Conv3x3` per tile)."""
+    return torch.tensor(entries, dtype=dtype, device=device)
 
 
 def _tile_rows(matrix: torch.Tensor, src: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
