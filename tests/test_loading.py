@@ -205,8 +205,49 @@ class NotATensor:
 def test_pickle_that_needs_more_than_weights_is_refused(tmp_path):
     path = tmp_path / "evil.bin"
     torch.save({"encoder.conv_in.weight": torch.ones(1), "payload": NotATensor()}, path)
-    with pytest.raises(ValueError, match=r"evil\.bin: refusing to unpickle"):
+    with pytest.raises(ValueError, match=r"evil\.bin: refusing to unpickle.*Unsupported global.*NotATensor"):
         sdvae.load_encoder(path, config=SMALL)
+
+
+@pytest.mark.parametrize("content", [b"hello, not a checkpoint\n", bytes(range(256)) * 4,
+                                     b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 334643244\n"])
+def test_a_pickle_suffix_on_something_else_is_named_as_unreadable(tmp_path, content):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"model\.ckpt: cannot read this checkpoint \(not a PyTorch checkpoint"):
+        sdvae.load_encoder(path, config=SMALL)
+
+
+def test_a_state_dict_with_a_non_tensor_value_names_its_key(small_state, tmp_path):
+    path = tmp_path / "vae.pt"
+    torch.save({**small_state, "global_step": 1000}, path)
+    with pytest.raises(ValueError, match=r"vae\.pt: .*'global_step' holds a int"):
+        sdvae.load_encoder(path, config=SMALL)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_loaded_weights_are_copies_not_views_of_the_file(small_state, tmp_path, suffix):
+    """Overwriting the checkpoint in place after loading (a `cp` over it) must not reach the loaded module: the
+    file is memory-mapped while it is read."""
+    path, other = tmp_path / f"vae{suffix}", tmp_path / "other" / f"vae{suffix}"  # (torch.save names by the stem)
+    other.parent.mkdir()
+    save = save_file if suffix == ".safetensors" else torch.save
+    save(small_state, path)
+    save({k: v + 1 for k, v in small_state.items()}, other)
+    assert path.stat().st_size == other.stat().st_size
+    x = random_images(1, 16, 16)
+    for dtype in (torch.float32, torch.float16):  # the file's own dtype, and a conversion
+        enc = sdvae.load_encoder(path, config=SMALL, dtype=dtype)
+        before = {k: v.clone() for k, v in enc.state_dict().items()}
+        with torch.no_grad():
+            want = enc(x.to(dtype))
+        with open(path, "r+b") as f:
+            f.write(other.read_bytes())
+        changed = [k for k, v in enc.state_dict().items() if not torch.equal(v, before[k])]
+        assert not changed
+        with torch.no_grad():
+            assert torch.equal(enc(x.to(dtype)), want)
+        save(small_state, path)
 
 
 def test_non_vae_file_is_named(tmp_path):
@@ -214,6 +255,20 @@ def test_non_vae_file_is_named(tmp_path):
     save_file(unet_and_text_tensors("sd15"), path)
     with pytest.raises(ValueError, match=r"unet\.safetensors: no VAE tensors"):
         sdvae.load_encoder(path)
+
+
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+
+    def no_hub(repo_id):
+        raise AssertionError(f"{repo_id} was looked up on the hub")
+
+    monkeypatch.setattr(sdvae.loading, "_from_hub", no_hub)
+    for path in ("./models/vae.safetensors", "../models/vae.safetensors", "models/sd/vae.safetensors",
+                 "models/vae.safetensors", "-acme/vae"):
+        with pytest.raises(FileNotFoundError, match=f"{path}: no such file or folder"):
+            sdvae.load_encoder(path)
 
 
 def test_missing_path_and_unknown_suffix(tmp_path):
@@ -285,3 +340,47 @@ def test_fp16_ldm_pickles(small_ref, small_state, tmp_path, suffix):
     path = tmp_path / f"vae{suffix}"
     torch.save({k: v.half() for k, v in diffusers_to_ldm(small_state, 3).items()}, path)
     assert_matches(copy.deepcopy(small_ref).half().float(), path, config=SMALL)
+
+
+def test_a_missing_quant_conv_weight_is_an_error_not_another_network(small_state, tmp_path):
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v for k, v in small_state.items() if k != "quant_conv.weight"}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small config fits no family
+        with pytest.raises(ValueError, match=r"vae\.safetensors: 1 tensor\(s\) missing.*: quant_conv\.weight"):
+            sdvae.load_encoder(path)
+
+
+def test_a_folder_of_another_model_class_is_named(small_state, tmp_path):
+    save_file(small_state, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+    for source in (tmp_path, tmp_path / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(ValueError, match="names the model class AutoencoderTiny, not AutoencoderKL"):
+            sdvae.load_encoder(source)
+
+
+def test_missing_tensors_are_named_as_the_file_names_them(small_state, tmp_path):
+    ldm = {f"first_stage_model.{k}": v for k, v in diffusers_to_ldm(small_state, 3).items()}
+    path = tmp_path / "model.safetensors"
+    save_file({k: v for k, v in ldm.items() if k != "first_stage_model.decoder.up.2.block.0.norm2.weight"}, path)
+    sdvae.load_encoder(path, config=SMALL)
+    with pytest.raises(ValueError, match=r"missing \(read as ldm layout under 'first_stage_model\.'\): "
+                                         r"first_stage_model\.decoder\.up\.2\.block\.0\.norm2\.weight$"):
+        sdvae.load_decoder(path, config=SMALL)
+
+
+def test_a_decoder_from_an_encoder_only_file_says_so(small_state, tmp_path):
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v for k, v in small_state.items() if k.startswith(("encoder.", "quant_conv."))}, path)
+    with pytest.raises(ValueError, match=r"encoder\.safetensors: holds no VAE decoder, only the encoder"):
+        sdvae.load_decoder(path, config=SMALL)
+
+
+def test_dtype_by_name_and_unsupported_dtypes(small_state, tmp_path):
+    path = tmp_path / "vae.safetensors"
+    save_file(small_state, path)
+    assert sdvae.load_encoder(path, config=SMALL, dtype="bfloat16").dtype == torch.bfloat16
+    assert sdvae.load_decoder(path, config=SMALL, dtype="torch.float64").dtype == torch.float64
+    for dtype in ("float", "int8", torch.complex64, torch.int32):
+        with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16, float64"):
+            sdvae.load_encoder(path, config=SMALL, dtype=dtype)

@@ -239,13 +239,18 @@ def test_decode_with_scaling_is_diffusers_decode_of_the_unscaled_latents(models,
 
 
 
-def test_seeds_accept_numpy_ints_and_refuse_bools_and_overflow():
+def test_seeds_accept_numpy_and_torch_ints_and_refuse_bools_floats_and_overflow():
     import numpy as np
 
     dist = DiagonalGaussian(torch.zeros(2, 2, 3, 3))
     assert torch.equal(dist.sample(seed=np.int64(3)), dist.sample(seed=3))
+    assert torch.equal(dist.sample(seed=torch.tensor(3)), dist.sample(seed=3))
+    assert torch.equal(dist.sample(seed=torch.tensor([3, 9])), dist.sample(seed=[3, 9]))
     with pytest.raises(TypeError):
         dist.sample(seed=True)
+    for odd in (3.0, "3", [3.0, 4.0]):
+        with pytest.raises(TypeError, match="seed must be an int or a sequence of ints"):
+            dist.sample(seed=odd)
     with pytest.raises(ValueError, match="64 bits"):
         dist.sample(seed=2**64)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import operator
 from collections.abc import Sequence
 
@@ -86,9 +85,14 @@ def per_sample_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
     """An int `s` becomes `[s, s+1, ...]`; a sequence must hold exactly one seed per sample."""
     if isinstance(seed, bool):
         raise TypeError("seed must be an int or a sequence of ints, got a bool")
-    if isinstance(seed, numbers.Integral):
-        return [int(seed) + i for i in range(batch)]
-    seeds = [operator.index(s) for s in seed]
+    try:
+        return [operator.index(seed) + i for i in range(batch)]  # an int, or an integer numpy/torch scalar
+    except TypeError:
+        pass
+    try:
+        seeds = [operator.index(s) for s in seed]
+    except TypeError:
+        raise TypeError(f"seed must be an int or a sequence of ints (one per sample), got {seed!r}") from None
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
     return seeds

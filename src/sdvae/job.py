@@ -237,7 +237,7 @@ class ShardEncoder:
         if device.startswith("cuda") and settings.dtype == "float32":
             torch.backends.cudnn.allow_tf32 = False  # cuDNN's default TF32 convs would put float32 latents ~1e-3 off
         self.encoder = load_encoder(model_file, config=config, device=device,
-                                    dtype=getattr(torch, settings.dtype), compile=runtime.compile)
+                                    dtype=settings.dtype, compile=runtime.compile)
         self.store_dtype = STORE_DTYPES[settings.store_dtype]
 
     def __call__(self, prepared: list[tuple[Item, Prepared | str]], on_batch: Callable[[int], None] = lambda n: None

@@ -34,6 +34,13 @@ class KeyMap:
     names: dict[str, str]
     prefix: str
     layout: str
+    num_up: int = 0  # the LDM decoder's up blocks, which it numbers in reverse
+
+    def source_key(self, key: str) -> str:
+        """The name diffusers key `key` has in the checkpoint, or would have there (to name a missing tensor)."""
+        if key in self.names:
+            return self.names[key]
+        return self.prefix + (ldm_name(key, self.num_up) if self.layout.startswith("ldm") else key)
 
 
 def detect_prefix(keys: Iterable[str]) -> str:
@@ -107,7 +114,7 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
     keys = list(keys)
     prefix = detect_prefix(keys)
     inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and k[len(prefix):].startswith(HALVES)}
-    layout = "diffusers"
+    layout, num_up = "diffusers", 0
     if is_ldm(inner):
         layout = "ldm"
         ups = [int(m[1]) for k in inner if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
@@ -116,7 +123,7 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
     renamed = {_deprecated_to_current(k): src for k, src in inner.items()}
     if renamed.keys() != inner.keys():
         layout += "+deprecated-attention"
-    return KeyMap(names=renamed, prefix=prefix, layout=layout)
+    return KeyMap(names=renamed, prefix=prefix, layout=layout, num_up=num_up)
 
 
 def ldm_name(key: str, num_blocks: int) -> str:

@@ -40,6 +40,7 @@ FAMILY_MARKERS = {
 }
 # The family assumed where the weights fit several, and a warning says so.
 DEFAULT_FAMILY = {4: "sd15", 16: "flux"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _ARCH_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
                 "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
 
@@ -91,15 +92,23 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1]
-        raise ValueError(f"{path}: refusing to unpickle: it holds more than tensors "
-                         f"(torch.load(weights_only=True) failed: {reason})") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: cannot read this checkpoint (truncated or corrupt?): {e}") from e
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please |\n\n|$)", str(e), re.DOTALL)
+        reason = (found[1] if found else str(e).strip().splitlines()[0]).strip()
+        if reason.startswith("Unsupported global"):
+            raise ValueError(f"{path}: refusing to unpickle: it holds more than tensors ({reason})") from e
+        raise ValueError(f"{path}: cannot read this checkpoint (not a PyTorch checkpoint, truncated or corrupt?): "
+                         f"{reason}") from e
+    except Exception as e:  # the unpickler fails on junk bytes with many types (KeyError, EOFError, RuntimeError...)
+        raise ValueError(f"{path}: cannot read this checkpoint (not a PyTorch checkpoint, truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    other = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise ValueError(f"{path}: expected a state dict of tensors, but {other!r} holds a "
+                         f"{type(obj[other]).__name__}")
     return obj
 
 
@@ -113,15 +122,25 @@ def read_tensors(path: Path) -> Mapping[str, torch.Tensor]:
                      f"{', '.join(PICKLE_SUFFIXES)}")
 
 
-def _diffusers_config(path: Path) -> dict[str, Any] | None:
-    """The AutoencoderKL config.json at `path`, or None where there is none (or it is another model's)."""
+def _diffusers_config(weights: Path) -> dict[str, Any] | None:
+    """The AutoencoderKL config.json beside `weights`, or None where there is none or it is another model's.
+
+    Another model class's config beside diffusers-named weights says those weights are that model: refused.
+    """
+    path = weights.parent / "config.json"
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise ValueError(f"{path}: cannot read config: {e}") from e
-    return data if isinstance(data, dict) and data.get("_class_name") == "AutoencoderKL" else None
+    kind = data.get("_class_name") if isinstance(data, dict) else None
+    if kind == "AutoencoderKL":
+        return data
+    if kind is not None and weights.name in WEIGHT_NAMES:
+        raise ValueError(f"{weights}: its config.json names the model class {kind}, not AutoencoderKL (the "
+                         "Stable-Diffusion family's VAE)")
+    return None
 
 
 def _resolve_folder(folder: Path) -> tuple[Path, dict[str, Any] | None]:
@@ -129,7 +148,7 @@ def _resolve_folder(folder: Path) -> tuple[Path, dict[str, Any] | None]:
         return _resolve_folder(folder / "vae")
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
-            return folder / name, _diffusers_config(folder / "config.json")
+            return folder / name, _diffusers_config(folder / name)
     raise FileNotFoundError(f"{folder}: no VAE weights here: expected a diffusers VAE folder "
                             f"(config.json + {' or '.join(WEIGHT_NAMES[:1] + WEIGHT_NAMES[2:3])}) or a pipeline "
                             "folder with vae/")
@@ -139,7 +158,7 @@ def _from_hub(repo_id: str) -> Path:
     """A hub repo (`owner/name`, or `owner/name/file.safetensors`) from the Hugging Face cache or the hub."""
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
     except ImportError:
         raise ImportError(f"{repo_id}: no such local file or folder; to load it as a Hugging Face repo id, "
                           "install huggingface_hub: pip install 'sdvae[hub]'") from None
@@ -156,22 +175,31 @@ def _from_hub(repo_id: str) -> Path:
             f"while the hub cannot be reached ({e}). Download it where "
             f"there is network (`huggingface-cli download {repo}`) or pass a local file or folder."
         ) from e
-    except HfHubHTTPError as e:
+    except (HfHubHTTPError, HFValidationError) as e:
         raise FileNotFoundError(f"{repo_id}: no such local file or folder, and the Hugging Face hub "
                                 f"refused it as a repo id: {e}") from e
+
+
+def _repo_id(source: str) -> bool:
+    """Whether a path that does not exist reads as a hub id (`owner/name`, or `owner/name/file`): names of word
+    characters, `-` and `.` that neither start nor end with those two, and an owner that is no local folder (there
+    the user means a file in it)."""
+    name = r"\w(?:[\w.-]*\w)?"
+    return (re.fullmatch(rf"{name}/{name}(/[\w./-]+)?", source) is not None
+            and not Path(source.split("/")[0]).is_dir())
 
 
 def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
     """The weights file a source points to, and the diffusers config found beside it (if any)."""
     path = Path(source).expanduser()
     if not path.exists():
-        if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", source):
+        if isinstance(source, str) and _repo_id(source):
             path = _from_hub(source)
         else:
             raise FileNotFoundError(f"{source}: no such file or folder")
     if path.is_dir():
         return _resolve_folder(path)
-    return path, _diffusers_config(path.parent / "config.json")
+    return path, _diffusers_config(path)
 
 
 def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str, Any]:
@@ -198,10 +226,9 @@ def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str,
             shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks)))
         arch.setdefault("layers_per_block",
                         len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
-    if "encoder.conv_in.weight" in names:
-        arch["use_quant_conv"] = "quant_conv.weight" in names
-    if "decoder.conv_in.weight" in names:
-        arch["use_post_quant_conv"] = "post_quant_conv.weight" in names
+    for half, conv in (("encoder", "quant_conv"), ("decoder", "post_quant_conv")):
+        if f"{half}.conv_in.weight" in names:  # either tensor says the conv is there (a missing one is an error)
+            arch[f"use_{conv}"] = f"{conv}.weight" in names or f"{conv}.bias" in names
     arch["mid_block_add_attention"] = any(".mid_block.attentions.0." in k for k in names)
     return arch
 
@@ -264,7 +291,7 @@ def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path
     try:
         arch = _infer_architecture(tensors, keymap)
     except KeyError as e:
-        raise ValueError(f"{path}: incomplete VAE: {keymap.names.get(e.args[0], e.args[0])} is missing "
+        raise ValueError(f"{path}: incomplete VAE: {keymap.source_key(e.args[0])} is missing "
                          "(as read from the other tensors' names)") from None
     name, candidates = _infer_family(keys, arch)
     if name is None:
@@ -284,11 +311,23 @@ def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path
 M = TypeVar("M", bound=VaeModule)
 
 
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A compute dtype from a torch.dtype or its name (None: float32); others are refused here, not mid-encode."""
+    found = DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else (dtype or torch.float32)
+    if found not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (a torch.dtype or its name), got {dtype!r}")
+    return found
+
+
 def _load(cls: type[M], source: str | Path, config: VaeConfig | dict | str | Path | None, family: str | None,
-          device: torch.device | str | None, dtype: torch.dtype | None, strict: bool, compile: bool) -> M:
+          device: torch.device | str | None, dtype: torch.dtype | str | None, strict: bool, compile: bool) -> M:
+    dtype = as_dtype(dtype)
     ckpt = open_checkpoint(source, config=config, family=family)
+    half = "encoder" if cls is VaeEncoder else "decoder"
+    if half not in ckpt.halves:
+        raise ValueError(f"{ckpt.path}: holds no VAE {half}, only the {' and '.join(ckpt.halves)}")
     with torch.device("meta"):
-        module = cls(ckpt.config).to(dtype or torch.float32)
+        module = cls(ckpt.config).to(dtype)
     report = module.load_hf_state_dict(ckpt.tensors, strict=strict, source=str(ckpt.path))
     module.load_report = report
     log.info("%s from %s (%s): %s", cls.__name__, ckpt.path, ckpt.config_origin, report.summary())
@@ -298,12 +337,12 @@ def _load(cls: type[M], source: str | Path, config: VaeConfig | dict | str | Pat
 
 def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
                  family: str | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, strict: bool = False, compile: bool = False) -> VaeEncoder:
+                 dtype: torch.dtype | str | None = None, strict: bool = False, compile: bool = False) -> VaeEncoder:
     """Load a `VaeEncoder` from a file, a diffusers or pipeline folder, or a hub id; reads only its tensors.
 
     The config comes from `config`, else the `family` preset (sd15, sd2, sdxl, sd3, flux, playground, cogview),
     else the diffusers config.json beside the weights, else the weights themselves (warning where the family, and
-    so the scaling factor, is ambiguous). `dtype` defaults to float32. `.load_report` says what was dropped.
+    so the scaling factor, is ambiguous). `dtype` (a torch.dtype or its name) defaults to float32. `.load_report` says what was dropped.
     `compile=True` runs the network through torch.compile (`VaeModule.compile`).
     """
     return _load(VaeEncoder, source, config, family, device, dtype, strict, compile)
@@ -311,6 +350,6 @@ def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | 
 
 def load_decoder(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
                  family: str | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, strict: bool = False, compile: bool = False) -> VaeDecoder:
+                 dtype: torch.dtype | str | None = None, strict: bool = False, compile: bool = False) -> VaeDecoder:
     """Load a `VaeDecoder`, as `load_encoder` does."""
     return _load(VaeDecoder, source, config, family, device, dtype, strict, compile)

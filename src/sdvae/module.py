@@ -109,8 +109,10 @@ class VaeModule(nn.Module):
         tensors, report = convert_state_dict(state_dict, expected, whole_vae_keys(self.config), strict=strict,
                                              source=source)
         on_meta = any(p.is_meta for p in self.parameters())
-        dtype = self.dtype
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        if on_meta:  # the tensors become the parameters: copies, never views of a memory-mapped checkpoint file
+            layout = {4: torch.channels_last}
+            tensors = {k: v.to(dtype=self.dtype, memory_format=layout.get(v.ndim, torch.contiguous_format), copy=True)
+                       for k, v in tensors.items()}
         self.load_state_dict(tensors, strict=True, assign=on_meta)
         self._channels_last()
         return report

@@ -59,7 +59,7 @@ def convert_state_dict(
     missing, mismatched = [], []
     for name, shape in expected.items():
         if name not in keymap.names:
-            missing.append(name)
+            missing.append(keymap.source_key(name))
             continue
         src = keymap.names[name]
         tensor = state_dict[src]
