@@ -19,7 +19,7 @@ from reference import TINY, rel_err
 from sdvae import LatentDataset, load_encoder
 from sdvae.cli import main
 from sdvae.images import image_to_tensor
-from sdvae.preprocess import load_rgb, make_buckets, nearest_bucket, prepare
+from sdvae.preprocess import ImageError, load_rgb, make_buckets, nearest_bucket, prepare
 
 GOOD = ["a.png", "b.jpg", "nested/c.webp", "cmyk.jpg", "grey.png", "grey16.png", "palette.png", "rgba.png", "la.png",
         "rotated.jpg", "tiny.png"]
@@ -234,3 +234,120 @@ def test_compile_flag_reaches_the_encoder(model, images, tmp_path, monkeypatch):
     monkeypatch.setattr(VaeModule, "compile", lambda self, **options: compiled.append(type(self).__name__) or self)
     encode(images / "a.png", "--model", model, "--output", tmp_path / "out", "--resolution", "64", "--compile")
     assert compiled == ["VaeEncoder"]
+
+
+def test_max_pixels_is_the_only_size_limit(images, monkeypatch):
+    """Pillow's own bomb limit (89 MP, an error from twice that) must not cap --max-pixels, nor stay changed."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert load_rgb(images / "a.png", max_pixels=100_000).size == (130, 90)  # 11700 pixels: over 2 x 1000
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ImageError, match="over the 10000-pixel limit"):
+        load_rgb(images / "a.png", max_pixels=10_000)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_a_file_name_that_is_not_utf8_is_encoded_under_an_escaped_key(model, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise(64, 64)).save(folder / os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name, legal on Linux
+    Image.fromarray(noise(64, 64, seed=1)).save(folder / "ok.png")
+    out = tmp_path / "out"
+    assert encode(folder, "--model", model, "--output", out, "--resolution", "64") == 0
+    assert sorted(d["key"] for d in LatentDataset(out)) == ["caf\\xe9.png", "ok.png"]
+    assert encode(folder, "--model", model, "--output", out, "--resolution", "64", "--resume") == 0
+    assert "encoded 0, failed 0, already stored 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest", ['{"name": "my project"}', "[1, 2]", "not json"])
+def test_a_folder_with_a_foreign_manifest_is_left_alone(model, images, tmp_path, capsys, manifest):
+    mine = tmp_path / "mine"
+    (mine / "shards").mkdir(parents=True)
+    (mine / "manifest.json").write_text(manifest)
+    (mine / "shards" / "part1.bin").write_bytes(b"precious")
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        assert encode(images / "a.png", "--model", model, "--output", mine, *flags) == 2
+        err = capsys.readouterr().err
+        assert "manifest.json" in err and ("not one sdvae wrote" in err or "not a readable manifest" in err)
+    assert (mine / "manifest.json").read_text() == manifest
+    assert (mine / "shards" / "part1.bin").read_bytes() == b"precious"
+
+
+def test_decode_finds_the_model_from_any_folder_or_asks_for_it(model, images, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(model.parent)
+    out = tmp_path / "out"
+    assert encode(images / "a.png", "--model", model.name, "--output", out, "--resolution", "64") == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["decode", str(out), "--out", "x.png"]) == 0 and (tmp_path / "x.png").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"]["file"] = str(tmp_path / "moved.safetensors")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["decode", str(out), "--out", "y.png"]) == 2
+    assert "moved.safetensors, is not there; name it with --model" in capsys.readouterr().err
+    assert main(["decode", str(out), "--out", "y.png", "--model", str(model)]) == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "batch_size must be a whole number of at least 1, got 0"),
+    (["--resolution", "0"], "resolution must be a whole number of at least 1, got 0"),
+    (["--resolution", "4"], "resolution must be at least 8 pixels"),
+    (["--shard-size", "-1"], "shard_size must be a whole number of at least 1, got -1"),
+    (["--tile-size", "0"], "tile_size must be a whole number of at least 1, got 0"),
+    (["--device", "gpu0"], "--device gpu0:"),
+    (["--device", "cuda:7"], "--device cuda:7:"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(model, images, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert encode(images / "a.png", "--model", model, "--output", out, *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert encode(images / "a.png", "--model", model, "--output", afile) == 2
+    assert "afile: is a file" in capsys.readouterr().err and afile.read_text() == "mine"
+
+
+def test_a_run_that_stored_nothing_can_start_over_with_other_settings(model, images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def fail(*args, **kwargs):
+        raise ValueError("the model could not be set up")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("sdvae.job.ShardEncoder", fail)
+        assert encode(images / "a.png", "--model", model, "--output", out, "--resolution", "64") == 2
+    assert (out / "manifest.json").exists()
+    assert encode(images / "a.png", "--model", model, "--output", out, "--resolution", "64", "--flip") == 0
+    assert len(LatentDataset(out)) == 2
+
+
+def test_resume_reports_the_failures_of_earlier_runs(model, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [images, "--model", model, "--output", out, "--resolution", "64", "--shard-size", "4"]
+    assert encode(*args) == 1
+    capsys.readouterr()
+    assert encode(*args, "--resume") == 1
+    said = capsys.readouterr().out
+    assert f"already stored {len(GOOD)}, failed in an earlier run {len(BROKEN)}" in said and "errors.jsonl" in said
+
+
+def test_no_images_is_an_error_that_says_what_was_passed_over(model, tmp_path, capsys, caplog):
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    other.mkdir()
+    (other / "photo.heic").write_bytes(b"x")
+    (other / "photo.txt").write_text("a caption, not reported")
+    for folder in (empty, other):
+        with caplog.at_level("INFO", logger="sdvae"):
+            assert encode(folder, "--model", model, "--output", tmp_path / "out") == 2
+        assert f"no images in {folder}" in capsys.readouterr().err
+    assert "passed over 1 file(s) that are not images by their suffix (.heic x1)" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupt_exits_130_and_points_to_resume(model, images, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sdvae.job.encode_dataset", interrupted)
+    assert encode(images / "a.png", "--model", model, "--output", tmp_path / "out") == 130
+    assert "--resume" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def test_ray_engine_on_a_local_instance_equals_the_local_engine(model, inputs, l
             out = tmp_path / f"ray{actors}"
             counts = encode_dataset(inputs, str(model), out, SETTINGS, shard_size=3, engine="ray",
                                     ray_actors=actors, ray_actor_cpus=cpus, runtime=Runtime(batch_size=2))
-            assert counts == {"encoded": 13, "failed": 4, "skipped": 0}
+            assert counts == {"encoded": 13, "failed": 4, "skipped": 0, "failed_before": 0}
             assert_same_dataset(out, local)
         with pytest.raises(ValueError, match="leave no CPU"):
             encode_dataset(inputs, str(model), tmp_path / "full", SETTINGS, engine="ray", ray_actors=2)

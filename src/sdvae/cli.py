@@ -53,9 +53,11 @@ def _encode(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite, image_column=args.image_column,
                             caption_column=args.caption_column, engine=args.engine, ray_address=args.ray_address,
                             ray_actors=args.ray_actors, ray_actor_cpus=args.ray_actor_cpus)
-    print(f"encoded {counts['encoded']}, failed {counts['failed']}, already stored {counts['skipped']}: "
-          f"{args.output}" + (f" (failures in {args.output}/errors.jsonl)" if counts["failed"] else ""))
-    return 1 if counts["failed"] else 0
+    failed = counts["failed"] + counts["failed_before"]
+    print(f"encoded {counts['encoded']}, failed {counts['failed']}, already stored {counts['skipped']}"
+          + (f", failed in an earlier run {counts['failed_before']}" if counts["failed_before"] else "")
+          + f": {args.output}" + (f" (failures in {args.output}/errors.jsonl)" if failed else ""))
+    return 1 if failed else 0
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -63,10 +65,15 @@ def _decode(args: argparse.Namespace) -> int:
 
     from .dataset import LatentDataset
     from .images import tensor_to_image
+    from .job import check_device
     from .loading import load_decoder
 
+    check_device(args.device)
     dataset = LatentDataset(args.dir, mode=True)
     model = args.model or dataset.manifest["model"]["file"]
+    if args.model is None and not Path(model).exists():
+        raise FileNotFoundError(f"{args.dir}: the checkpoint it was encoded with, {model}, is not there; "
+                                "name it with --model")
     decoder = load_decoder(model, config=dataset.config, device=args.device)
     pictures = []
     for index in args.index:
@@ -95,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser(
         "encode", help="turn images into a sharded latent dataset",
         description="Encode images into a sharded latent dataset (safetensors shards, Parquet metadata).",
-        epilog="exit status: 0 when every input was encoded, 1 when some failed (listed in DIR/errors.jsonl), "
-               "2 on a usage or setup error (nothing encoded).")
+        epilog="exit status: 0 when every input was encoded, 1 when some failed, in this run or an earlier one "
+               "(listed in DIR/errors.jsonl), 2 when an error stopped the run (bad arguments, no images, an output "
+               "holding other things; complete shards are kept for --resume), 130 when interrupted.")
     encode.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (recursive), text files of paths, WebDataset .tar shards, "
                              ".parquet files, or brace patterns like data/{00000..00099}.tar")
@@ -112,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--crop", choices=("center", "random"), default="center",
                         help="crop position (random is seeded)")
     encode.add_argument("--flip", action="store_true", help="also store the latent of the horizontally flipped image")
-    encode.add_argument("--batch-size", type=int, default=8)
+    encode.add_argument("--batch-size", type=int, default=8,
+                        help="images per forward pass; same latents at any size (default: %(default)s)")
     encode.add_argument("--device", help="torch device (default: cuda when there is a GPU, else cpu)")
     encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="compute dtype (default: %(default)s, exact). bfloat16: the mean within ~1e-2 relative "
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--index", type=int, nargs="+", default=[0], help="which latents (default: 0)")
     decode.add_argument("--out", default="preview.png", help="image to write (default: %(default)s)")
     decode.add_argument("--model", help="checkpoint with the decoder (default: the one the dataset was encoded with)")
-    decode.add_argument("--device", default="cpu")
+    decode.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     decode.set_defaults(run=_decode)
     return parser
 
@@ -167,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
+    except (ValueError, OSError, ImportError, ConnectionError) as e:
         print(f"sdvae: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = " (complete shards are kept: the same command with --resume goes on)" if args.command == "encode" else ""
+        print(f"sdvae: interrupted{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

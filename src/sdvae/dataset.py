@@ -45,9 +45,13 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(store: LocalStore) -> dict[str, Any] | None:
+def read_manifest(store: LocalStore) -> Any:
+    """The parsed manifest.json (which a foreign file may make any JSON value), or None where there is none."""
     data = store.read(MANIFEST)
-    return None if data is None else json.loads(data)
+    try:
+        return None if data is None else json.loads(data)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{store}/{MANIFEST}: not a readable manifest ({e})") from None
 
 
 def write_json(store: LocalStore, name: str, value: Any) -> None:
@@ -153,7 +157,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         store = LocalStore(self.root)
         self.manifest = read_manifest(store)
-        if self.manifest is None or self.manifest.get("format") != FORMAT:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{self.root}: not an sdvae latent dataset (no {MANIFEST} of format {FORMAT})")
         self.config = VaeConfig.from_diffusers(self.manifest["config"])
         self.rows = read_metadata(store)

@@ -28,13 +28,20 @@ from .dataset import (FORMAT, MANIFEST, complete_shards, file_sha256, read_error
                       settings_id, shard_name, write_json, write_jsonl, write_shard_data, write_shard_marker)
 from .loading import load_encoder, open_checkpoint
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, Prepared, load_rgb, make_buckets, prepare, target_size
-from .sources import INPUT_IDS, Item, list_inputs, read_images
+from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, list_inputs, printable, read_images
 from .storage import LocalStore, open_store
 
 log = logging.getLogger("sdvae")
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_BYTES = 64 * 2**20
+
+
+def check_counts(**values: int | None) -> None:
+    """Refuse a count that is not a whole number of at least 1 (None stands for the default)."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,15 @@ class Settings:
     store_dtype: str = "float32"
     max_pixels: int = DEFAULT_MAX_PIXELS
 
+    def __post_init__(self) -> None:
+        check_counts(resolution=self.resolution, max_pixels=self.max_pixels)
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels (one latent), got {self.resolution}")
+        for name, allowed in (("crop", ("center", "random")), ("dtype", ("float32", "bfloat16", "float16")),
+                              ("store_dtype", tuple(STORE_DTYPES))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -60,6 +76,9 @@ class Runtime:
     tile_size: int | None = None
     max_memory: int | str | None = None
     compile: bool = False  # torch.compile the encoder (GPUs; each new batch shape compiles first)
+
+    def __post_init__(self) -> None:
+        check_counts(batch_size=self.batch_size, tile_size=self.tile_size)
 
 
 @dataclass
@@ -121,8 +140,12 @@ def plan_job(inputs: list[str], model: str, output: str | Path, settings: Settin
              shard_size: int | None = None, resume: bool = False, overwrite: bool = False,
              image_column: str | None = None, caption_column: str | None = None) -> Job:
     """List the inputs, check the output against the settings, write the manifest, and find the shards to do."""
+    check_counts(shard_size=shard_size)
     store = open_store(output)
     items = list_inputs(inputs, image_column, caption_column)
+    if not items:
+        raise ValueError(f"no images in {' '.join(inputs)} (files, folders and lists are read for "
+                         f"{' '.join(sorted(FOLDER_SUFFIXES))})")
     checkpoint = open_checkpoint(model, family=family)
     if settings.resolution is None:
         settings = replace(settings, resolution=checkpoint.config.sample_size)
@@ -130,7 +153,7 @@ def plan_job(inputs: list[str], model: str, output: str | Path, settings: Settin
     shaping = {**asdict(settings), "model_sha256": file_sha256(checkpoint.path), "config": config}
     manifest = {
         "format": FORMAT, "sdvae_version": __version__, "settings_id": settings_id(shaping), "settings": shaping,
-        "model": {"source": str(model), "file": str(checkpoint.path), "sha256": shaping["model_sha256"]},
+        "model": {"source": str(model), "file": str(checkpoint.path.resolve()), "sha256": shaping["model_sha256"]},
         "config": config, "family": checkpoint.config.family,
         "scaling_factor": checkpoint.config.scaling_factor, "shift_factor": checkpoint.config.shift_factor,
         "latents": "mean and logvar (clamped to [-30, 20]) of the VAE posterior, stored as " + settings.store_dtype,
@@ -144,25 +167,34 @@ def plan_job(inputs: list[str], model: str, output: str | Path, settings: Settin
     plan = plan_shards(items, per_shard)
     todo = _shards_to_do(store, plan)
     log.info("%d inputs in %d shards, %d shard(s) to encode into %s", len(items), len(plan), len(todo), store)
-    return Job(store, manifest, settings, str(checkpoint.path), plan, todo)
+    return Job(store, manifest, settings, manifest["model"]["file"], plan, todo)
 
 
 def _check_output(store: LocalStore, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Refuse an output that holds anything but an sdvae dataset, or latents that `resume`/`overwrite` do not
+    cover; `overwrite` removes the stored latents (only those), and a dataset that stores none yet starts over."""
     existing = read_manifest(store)
-    if existing is not None and overwrite:
+    if existing is None:
+        if not store.is_empty():
+            raise ValueError(f"{store}: is not empty and not an sdvae dataset; choose an empty or new --output")
+        return
+    if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+        raise ValueError(f"{store}: its {MANIFEST} is not one sdvae wrote (no format {FORMAT}); choose an empty or "
+                         "new --output")
+    if overwrite:
         for folder in ("metadata", "shards", "errors"):
             for name in store.list(folder):
                 store.remove(f"{folder}/{name}")
         store.remove("errors.jsonl")
-    elif existing is not None and existing.get("settings_id") != manifest["settings_id"]:
+    elif not complete_shards(store):
+        return  # a run that stopped before its first shard: starting over loses nothing
+    elif existing.get("settings_id") != manifest["settings_id"]:
         before = existing.get("settings", {})
         changed = sorted(k for k, v in manifest["settings"].items() if before.get(k) != v)
         raise ValueError(f"{store}: holds latents written with other settings ({', '.join(changed) or 'model'}); "
                          "use another --output, or --overwrite to replace them")
-    elif existing is not None and not resume:
+    elif not resume:
         raise ValueError(f"{store}: already holds latents; pass --resume to continue, or --overwrite to start over")
-    elif existing is None and not store.is_empty():
-        raise ValueError(f"{store}: is not empty and not an sdvae dataset; choose an empty or new --output")
 
 
 def _shards_to_do(store: LocalStore, plan: list[list[Item]]) -> list[int]:
@@ -228,6 +260,20 @@ def prepare_shard(items: list[Item], settings: Settings, base: str | None = None
     return out
 
 
+def check_device(name: str | None) -> None:
+    """Refuse a device this machine lacks before anything is written (torch would fail at the first batch)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 class ShardEncoder:
     """The model side of a shard: loads the encoder once, turns prepared images into latents and metadata rows."""
 
@@ -248,7 +294,8 @@ class ShardEncoder:
         for item, result in prepared:
             if isinstance(result, str):
                 continue
-            meta = {"key": item.key, "source": item.source, "caption": item.caption, "input_id": item.input_id,
+            meta = {"key": item.key, "source": printable(item.source), "caption": item.caption,
+                    "input_id": item.input_id,
                     "original_size": list(result.original_size), "crop": list(result.crop),
                     "bucket": list(result.bucket)}
             by_bucket[result.bucket].append(({**meta, "flipped": False}, result.pixels))
@@ -298,7 +345,8 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
                    resume: bool = False, overwrite: bool = False, image_column: str | None = None,
                    caption_column: str | None = None, engine: str = "local", ray_address: str | None = None,
                    ray_actors: int | None = None, ray_actor_cpus: float = 1.0) -> dict[str, int]:
-    """Encode every input image into the dataset at `output`; returns this run's counts (encoded, failed, skipped).
+    """Encode every input image into the dataset at `output`; returns the counts: encoded and failed in this run,
+    and of the inputs kept from earlier runs, stored (skipped) and failed (failed_before).
 
     `engine="local"` runs here (`workers` processes decode while the model runs); `engine="ray"` runs the same
     plan on a Ray cluster (`ray_address`, else RAY_ADDRESS, else a local instance) with `ray_actors` encoders.
@@ -309,6 +357,8 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
         from .ray_engine import connect, run_ray
 
         pool = connect(ray_address, ray_actors, ray_actor_cpus, runtime.device)  # setup errors before any write
+    else:
+        check_device(runtime.device)  # (a Ray cluster's devices are its nodes', not this machine's)
     job = plan_job(inputs, model, output, settings, family=family, shard_size=shard_size, resume=resume,
                    overwrite=overwrite, image_column=image_column, caption_column=caption_column)
     if engine == "ray":
@@ -318,12 +368,13 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
 
 class Tally:
     """A run's counts and progress bar: `done` as each shard's marker lands, `close` at the end (which also
-    gathers errors.jsonl and the manifest's totals)."""
+    gathers errors.jsonl and the manifest's totals, and splits the kept shards' inputs into stored and failed)."""
 
     def __init__(self, job: Job):
         self.job = job
         self.progress = Progress(sum(len(job.plan[index]) for index in job.todo))
-        self.counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - self.progress.total}
+        self.counts = {"encoded": 0, "failed": 0, "skipped": sum(map(len, job.plan)) - self.progress.total,
+                       "failed_before": 0}
 
     def done(self, index: int, failed: int) -> None:
         self.counts["encoded"] += len(self.job.plan[index]) - failed
@@ -331,7 +382,8 @@ class Tally:
 
     def close(self) -> None:
         self.progress.close()
-        finish_job(self.job)
+        earlier = finish_job(self.job)["failed"] - self.counts["failed"]
+        self.counts["failed_before"], self.counts["skipped"] = earlier, self.counts["skipped"] - earlier
 
 
 def run_local(job: Job, shard_encoder: ShardEncoder, workers: int) -> dict[str, int]:

@@ -342,8 +342,8 @@ def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | 
 
     The config comes from `config`, else the `family` preset (sd15, sd2, sdxl, sd3, flux, playground, cogview),
     else the diffusers config.json beside the weights, else the weights themselves (warning where the family, and
-    so the scaling factor, is ambiguous). `dtype` (a torch.dtype or its name) defaults to float32. `.load_report` says what was dropped.
-    `compile=True` runs the network through torch.compile (`VaeModule.compile`).
+    so the scaling factor, is ambiguous). `dtype` (a torch.dtype or its name) defaults to float32. `.load_report`
+    says what was dropped. `compile=True` runs the network through torch.compile (`VaeModule.compile`).
     """
     return _load(VaeEncoder, source, config, family, device, dtype, strict, compile)
 

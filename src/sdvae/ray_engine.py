@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .dataset import write_shard_data, write_shard_marker
-from .job import Job, Runtime, ShardEncoder, Settings, Tally, prepare_shard
+from .job import Job, Runtime, ShardEncoder, Settings, Tally, check_counts, prepare_shard
 from .storage import open_store
 
 log = logging.getLogger("sdvae")
@@ -85,6 +85,9 @@ def connect(address: str | None, actors: int | None, actor_cpus: float, device: 
     """Join the cluster (`address`, else RAY_ADDRESS, else the one `ray start` made here, else a new local
     instance) and check that the pool fits in it: before anything is written, since a pool that cannot be
     placed would wait forever."""
+    check_counts(ray_actors=actors)
+    if not actor_cpus > 0:
+        raise ValueError(f"ray_actor_cpus must be above 0, got {actor_cpus!r}")
     ray = import_ray()
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING)

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import multiprocessing
 import os
 import re
 import tarfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
+log = logging.getLogger("sdvae")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif"}
+FOLDER_SUFFIXES = IMAGE_SUFFIXES | {".tar", ".parquet"}  # what a folder's listing takes
 LIST_SUFFIXES = {".txt", ".lst"}
+SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".csv"}  # captions and metadata, read or not
 CAPTION_SUFFIXES = (".txt", ".caption")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "jpeg")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -55,7 +61,13 @@ class Item:
         where = {"member": self.entry} if self.entry is not None else {}
         if self.kind == "parquet" and self.member is not None:
             where = {"row": self.member}
-        return {"key": self.key, "path": self.source, **where, "input_id": self.input_id, "error": error}
+        return {"key": self.key, "path": printable(self.source), **where, "input_id": self.input_id, "error": error}
+
+
+def printable(name: str) -> str:
+    """A file name as text that any file format stores: bytes that are not UTF-8 (Linux allows them in names,
+    Python keeps them as lone surrogates) become backslash escapes, `caf\\xe9.png`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _identity(stat_part: str, caption: str | None) -> str:
@@ -221,6 +233,15 @@ def _from_path(file: tuple[str, Path, bool], image_column: str | None, caption_c
     return [_file_item(key, path)]
 
 
+def _log_passed_over(folder: Path, files: list[Path]) -> None:
+    """Say which files of a folder are not read (by suffix), leaving out captions and metadata sidecars."""
+    skipped = Counter(p.suffix.lower() or p.name for p in files if p.suffix.lower() not in SIDECAR_SUFFIXES)
+    if skipped:
+        kinds = ", ".join(f"{suffix} x{n}" for suffix, n in skipped.most_common())
+        log.info("%s: passed over %d file(s) that are not images by their suffix (%s)", folder,
+                 sum(skipped.values()), kinds)
+
+
 def list_inputs(inputs: list[str], image_column: str | None = None,
                 caption_column: str | None = None) -> list[Item]:
     """Every image of `inputs`, in a stable order, with keys unique across them.
@@ -234,9 +255,10 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
     for spec in itertools.chain.from_iterable(map(expand_braces, inputs)):
         path = Path(spec)
         if path.is_dir():
-            wanted = IMAGE_SUFFIXES | {".tar", ".parquet"}
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
-            files += [(p.relative_to(path).as_posix(), p, True) for p in found]
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            taken = [p for p in found if p.suffix.lower() in FOLDER_SUFFIXES]
+            files += [(p.relative_to(path).as_posix(), p, True) for p in taken]
+            _log_passed_over(path, [p for p in found if p.suffix.lower() not in FOLDER_SUFFIXES])
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             for line in path.read_text().splitlines():
                 entry = line.strip()
@@ -254,7 +276,7 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
             listed = list(pool.map(read, files, chunksize=max(1, len(files) // (8 * processes))))
     else:
         listed = list(map(read, files))
-    items = list(itertools.chain.from_iterable(listed))
+    items = [replace(item, key=printable(item.key)) for item in itertools.chain.from_iterable(listed)]
     seen: dict[str, str] = {}
     for item in items:
         if item.key in seen:

@@ -61,4 +61,7 @@ def open_store(location: str | Path) -> LocalStore:
     if "://" in text and not text.startswith("file://"):
         raise ValueError(f"{text}: only filesystem paths are supported as --output (mount the bucket, or write "
                          "locally and copy)")
-    return LocalStore(text.removeprefix("file://"))
+    store = LocalStore(text.removeprefix("file://"))
+    if store.root.exists() and not store.root.is_dir():
+        raise ValueError(f"{store.root}: is a file; --output names the dataset's folder")
+    return store
