@@ -351,3 +351,17 @@ def test_an_interrupt_exits_130_and_points_to_resume(model, images, tmp_path, mo
     monkeypatch.setattr("sdvae.job.encode_dataset", interrupted)
     assert encode(images / "a.png", "--model", model, "--output", tmp_path / "out") == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_long_strip_is_resized_only_where_it_is_cropped(monkeypatch):
+    strip = Image.fromarray(noise(6, 3000))  # covers a 64 px square at 32000 x 64: 500 targets
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize",
+                        lambda im, size, *args, **kwargs: sizes.append(size) or resize(im, size, *args, **kwargs))
+    for crop, rng in (("center", None), ("random", __import__("random").Random(3))):
+        got = prepare(strip, (64, 64), crop, rng)
+        whole = resize(strip, (32000, 64), Image.Resampling.LANCZOS).crop(got.crop)
+        assert got.pixels.shape == (64, 64, 3)
+        assert np.abs(got.pixels.astype(int) - np.asarray(whole).astype(int)).max() <= 1
+    assert max(w * h for w, h in sizes) == 64 * 64

@@ -15,6 +15,7 @@ from .images import _pil
 BUCKET_STEP = 64
 MAX_ASPECT = 4.0
 DEFAULT_MAX_PIXELS = 16384 * 16384
+MAX_COVER = 16  # the most pixels, in targets, that an image resized to cover its target may hold
 
 
 class ImageError(ValueError):
@@ -101,12 +102,15 @@ def target_size(width: int, height: int, resolution: int, buckets: list[tuple[in
 
 
 def prepare(im, target: tuple[int, int], crop: str = "center", rng: random.Random | None = None) -> Prepared:
-    """Resize `im` to cover `target` (Lanczos) and crop it to exactly `target`, centred or at a random offset."""
+    """Resize `im` to cover `target` (Lanczos) and crop it to exactly `target`, centred or at a random offset.
+
+    Where the covering image would exceed MAX_COVER times the target (a long strip: 20000x10 pixels cover a 512
+    square at 1024000x512), only the crop's region is resized: the same pixels up to rounding (+-1 in a few), in
+    the target's memory."""
     image_cls = _pil()
     tw, th = target
     scale = max(tw / im.width, th / im.height)
     rw, rh = max(tw, round(im.width * scale)), max(th, round(im.height * scale))
-    resized = im.resize((rw, rh), image_cls.Resampling.LANCZOS) if (rw, rh) != im.size else im
     if crop == "center":
         left, top = (rw - tw) // 2, (rh - th) // 2
     elif crop == "random":
@@ -115,5 +119,10 @@ def prepare(im, target: tuple[int, int], crop: str = "center", rng: random.Rando
     else:
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
     box = (left, top, left + tw, top + th)
-    pixels = np.asarray(resized.crop(box), dtype=np.uint8)
-    return Prepared(pixels=pixels, original_size=im.size, crop=box, bucket=target)
+    if rw * rh > MAX_COVER * tw * th:
+        sx, sy = im.width / rw, im.height / rh
+        cropped = im.resize(target, image_cls.Resampling.LANCZOS,
+                            box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
+    else:
+        cropped = (im.resize((rw, rh), image_cls.Resampling.LANCZOS) if (rw, rh) != im.size else im).crop(box)
+    return Prepared(pixels=np.asarray(cropped, dtype=np.uint8), original_size=im.size, crop=box, bucket=target)
