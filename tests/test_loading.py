@@ -283,6 +283,19 @@ def test_missing_path_and_unknown_suffix(tmp_path):
         sdvae.load_encoder(tmp_path / "empty")
 
 
+def test_other_suffixes_are_read_by_their_bytes(small_ref, small_state, tmp_path):
+    save_file(small_state, tmp_path / "ae.sft")  # FLUX's original file name
+    assert_matches(small_ref, tmp_path / "ae.sft", config=SMALL)
+    torch.save(small_state, tmp_path / "vae.model")
+    assert_matches(small_ref, tmp_path / "vae.model", config=SMALL)
+    torch.save(small_state, tmp_path / "legacy.weights", _use_new_zipfile_serialization=False)
+    assert_matches(small_ref, tmp_path / "legacy.weights", config=SMALL)
+    for junk in (b"", b"x", b"\x10\0\0\0\0\0\0\0[not json]xxxxxxxxxx"):
+        (tmp_path / "junk.sft").write_bytes(junk)
+        with pytest.raises(ValueError, match=r"junk\.sft: unknown checkpoint type '\.sft', and its bytes are neither"):
+            sdvae.load_encoder(tmp_path / "junk.sft", config=SMALL)
+
+
 def _hub_cache(root: Path, repo: str, ref_vae) -> None:
     folder = root / f"models--{repo.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -113,13 +113,25 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_tensors(path: Path) -> Mapping[str, torch.Tensor]:
-    """The tensors of one checkpoint file (safetensors lazily; pickles with weights_only)."""
-    if path.suffix == ".safetensors":
+    """The tensors of one checkpoint file (safetensors lazily; pickles with weights_only), told by its suffix, or
+    by its first bytes under another suffix (FLUX's `ae.sft`)."""
+    kind = {".safetensors": "safetensors", **dict.fromkeys(PICKLE_SUFFIXES, "pickle")}.get(path.suffix) or _sniff(path)
+    if kind == "safetensors":
         return SafetensorsFile(path)
-    if path.suffix in PICKLE_SUFFIXES:
+    if kind == "pickle":
         return read_pickle(path)
-    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of "
-                     f"{', '.join(PICKLE_SUFFIXES)}")
+    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}, and its bytes are neither safetensors nor a "
+                     f"PyTorch pickle; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+
+
+def _sniff(path: Path) -> str | None:
+    """'safetensors' (an 8-byte header length, then a JSON object), 'pickle' (a zip archive, or pickle's protocol
+    byte), or None."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    return "pickle" if zipfile.is_zipfile(path) or head[:1] == b"\x80" else None
 
 
 def _diffusers_config(weights: Path) -> dict[str, Any] | None:
