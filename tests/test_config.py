@@ -106,6 +106,13 @@ def test_from_diffusers_refuses_invalid_json_naming_the_file(tmp_path, content):
             VaeConfig.from_diffusers(source)
 
 
+def test_a_preset_name_given_as_config_points_to_family(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"sdxl: cannot read a diffusers config \(for the sdxl preset, pass "
+                                         r"family='sdxl'\)"):
+        VaeConfig.from_diffusers("sdxl")
+
+
 # --- validation ---
 
 INVALID = [

@@ -108,7 +108,8 @@ class VaeConfig:
             try:
                 source = json.loads(path.read_text())
             except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
-                raise ValueError(f"{path}: cannot read a diffusers config: {e}") from e
+                hint = f" (for the {source} preset, pass family={str(source)!r})" if str(source) in PRESETS else ""
+                raise ValueError(f"{path}: cannot read a diffusers config{hint}: {e}") from e
             if not isinstance(source, dict):
                 raise ValueError(f"{path}: a diffusers config must be a JSON object")
         class_name = source.get("_class_name", "AutoencoderKL")
