@@ -17,10 +17,10 @@ def models():
     return ref, *loaded_from(ref, SMALL)
 
 
-@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 4, 16, 16), (1, 1, 3, 16, 16)])
-def test_wrong_rank_or_channels_states_expected_and_given(models, shape):
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 4, 16, 16), (1, 1, 3, 16, 16), (0, 3, 16, 16)])
+def test_wrong_rank_channels_or_empty_batch_states_expected_and_given(models, shape):
     _, enc, _ = models
-    with pytest.raises(ValueError, match=rf"\[B, 3, H, W\], got \[{', '.join(map(str, shape))}\]"):
+    with pytest.raises(ValueError, match=rf"\[B, 3, H, W\], B >= 1, got \[{', '.join(map(str, shape))}\]"):
         enc(torch.zeros(shape))
 
 
@@ -30,7 +30,7 @@ def test_too_small_and_integer_images_are_refused(models):
         enc(torch.zeros(1, 3, 3, 16))
     with pytest.raises(TypeError, match="floating-point"):
         enc(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"latents of shape \[B, 4, H, W\], got \[1, 3, 2, 2\]"):
+    with pytest.raises(ValueError, match=r"latents of shape \[B, 4, H, W\], B >= 1, got \[1, 3, 2, 2\]"):
         dec(torch.zeros(1, 3, 2, 2))
 
 

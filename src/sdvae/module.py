@@ -69,8 +69,8 @@ class VaeModule(nn.Module):
         """Validate `[B, channels, H, W]` and cast floating input to the weights' dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor {what} [B, {channels}, H, W], got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"expected {what} of shape [B, {channels}, H, W], got {list(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[0] == 0:
+            raise ValueError(f"expected {what} of shape [B, {channels}, H, W], B >= 1, got {list(x.shape)}")
         if x.shape[2] < min_size or x.shape[3] < min_size:
             raise ValueError(f"{what} of shape {list(x.shape)} is too small: H and W must be at least {min_size}")
         if not x.is_floating_point():
