@@ -203,3 +203,17 @@ def test_img2dataset_folders_pass_over_metadata_parquet_and_name_nested_members(
     assert (error["key"], error["member"]) == ("00000.tar/b/0001", "b/0001")
     with pytest.raises(ValueError, match="cannot tell which column"):  # named on its own it is an error
         list_inputs([str(tmp_path / "out0" / "00000.parquet")])
+
+
+def test_an_image_given_twice_is_named_in_a_warning(tmp_path, caplog):
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for name in ("photos/a.png", "photos/sub/b.png"):
+        (tmp_path / name).write_bytes(image_bytes(0, (8, 8)))
+    with caplog.at_level("WARNING", logger="sdvae"):
+        items = list_inputs([str(tmp_path / "photos"), str(tmp_path / "photos" / "sub")])
+    assert sorted(item.key for item in items) == ["a.png", "b.png", "sub/b.png"]
+    assert "1 image(s) are given more than once" in caplog.text and "'sub/b.png' and 'b.png'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdvae"):
+        list_inputs([str(tmp_path / "photos")])
+    assert "more than once" not in caplog.text

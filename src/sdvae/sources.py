@@ -283,7 +283,19 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
             raise ValueError(f"two inputs have the key {item.key!r}: {seen[item.key]} and {item.source}; "
                              "give them from one common folder")
         seen[item.key] = item.source
+    _warn_repeats(items)
     return items
+
+
+def _warn_repeats(items: list[Item]) -> None:
+    """Warn when one image comes in twice under two keys (a folder and its subfolder both given, say)."""
+    keys: dict[tuple[str, Any], list[str]] = {}
+    for item in items:
+        keys.setdefault((os.path.abspath(item.source), item.member), []).append(item.key)
+    repeats = [names for names in keys.values() if len(names) > 1]
+    if repeats:
+        log.warning("%d image(s) are given more than once, each stored under every key it came with (e.g. %s)",
+                    len(repeats), " and ".join(map(repr, repeats[0])))
 
 
 def read_images(items: list[Item], base: str | None = None) -> Iterator[tuple[Item, bytes | str]]:
