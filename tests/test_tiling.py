@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -86,17 +87,41 @@ def test_tiles_run_without_autograd_and_refuse_a_call_it_would_record(encoder):
         enc(x, tile_size=16)
 
 
-def test_an_unreadable_scratch_folder_means_no_scratch_files(encoder, monkeypatch, caplog):
-    from sdvae.planning import scratch_room
+@pytest.mark.parametrize("folder", ["/nonexistent/sdvae-scratch", "a-file"])
+def test_an_unreadable_scratch_folder_means_no_scratch_files(encoder, monkeypatch, caplog, tmp_path, folder):
+    from sdvae.planning import scratch_room, tiled_peak
 
-    monkeypatch.setenv("SDVAE_SCRATCH", "/nonexistent/sdvae-scratch")
+    if folder == "a-file":
+        folder = str(tmp_path / "a-file")
+        Path(folder).write_text("not a folder")
+    monkeypatch.setenv("SDVAE_SCRATCH", folder)
     with caplog.at_level("WARNING", logger="sdvae"):
         assert scratch_room() == 0
-    assert "/nonexistent/sdvae-scratch" in caplog.text
+    assert folder in caplog.text
     enc = encoder.to(torch.float64)
-    x = random_images(1, 40, 24, dtype=torch.float64)
-    with torch.no_grad():
-        assert rel_err(enc(x, tile_size=16), enc(x)) <= 1e-12
+    x = random_images(1, 96, 80, dtype=torch.float64)  # large enough that recomputing saves memory
+    stages = len(enc.config.block_out_channels) + 1
+    budget = tiled_peak(enc.encoder, tuple(x.shape), x.dtype, sdvae.tiling.TilePlan(16, ("recompute",) * stages))[0]
+    with torch.no_grad(), caplog.at_level("INFO", logger="sdvae"):
+        assert rel_err(enc(x, tile_size=16, max_memory=budget), enc(x)) <= 1e-12
+    assert "recomputed" in caplog.text and "in scratch files" not in caplog.text
+
+
+def test_scratch_folder_expands_home_and_empty_means_the_temporary_folder(monkeypatch, tmp_path):
+    import tempfile
+
+    from sdvae.activations import FileActivation, scratch_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SDVAE_SCRATCH", "~")
+    assert scratch_folder() == str(tmp_path)
+    monkeypatch.setenv("SDVAE_SCRATCH", "")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    made = []
+    monkeypatch.setattr("sdvae.activations.os.unlink", made.append)
+    FileActivation((1, 2, 3, 4), torch.float32, torch.device("cpu"))
+    assert [Path(p).parent for p in made] == [tmp_path]
 
 
 def test_recomputed_stages_keep_only_what_must_be_whole(encoder):

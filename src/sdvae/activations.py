@@ -12,6 +12,13 @@ import tempfile
 import torch
 
 
+def scratch_folder() -> str | None:
+    """Where scratch files go: `$SDVAE_SCRATCH` (`~` expanded), where unset or empty the system's temporary folder;
+    None where it is `none` (scratch files forbidden)."""
+    folder = os.environ.get("SDVAE_SCRATCH") or tempfile.gettempdir()
+    return None if folder.lower() == "none" else os.path.expanduser(folder)
+
+
 class RamActivation:
     """A channels-last tensor; regions are views."""
 
@@ -31,13 +38,13 @@ class RamActivation:
 
 
 class FileActivation:
-    """An NHWC map in an unlinked temporary file under `folder` (removed when the object goes away)."""
+    """An NHWC map in an unlinked temporary file in the scratch folder (removed when the object goes away)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, folder: str | None = None):
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         b, c, h, w = shape
         self._pixel = c * dtype.itemsize
-        fd, path = tempfile.mkstemp(prefix="sdvae-activation-", dir=folder)
+        fd, path = tempfile.mkstemp(prefix="sdvae-activation-", dir=scratch_folder())
         os.unlink(path)
         self._fd = fd
         os.ftruncate(fd, b * h * w * self._pixel)

@@ -13,13 +13,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import winograd
+from .activations import scratch_folder
 from .bands import band_spans
 from .config import VaeConfig
 from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule
@@ -63,13 +63,15 @@ def available_memory(device: torch.device) -> int:
 def scratch_room() -> int:
     """Bytes free for scratch files: 90% of the scratch folder's free space; 0 when `SDVAE_SCRATCH=none` or the
     folder cannot be read."""
-    folder = os.environ.get("SDVAE_SCRATCH") or tempfile.gettempdir()
-    if folder.lower() == "none":
+    folder = scratch_folder()
+    if folder is None:
         return 0
     try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(folder)
         return int(0.9 * shutil.disk_usage(folder).free)
     except OSError:
-        log.warning("sdvae: scratch folder %s cannot be read: no scratch files", folder)
+        log.warning("sdvae: scratch folder %s is not a folder that can be read: no scratch files", folder)
         return 0
 
 

@@ -16,7 +16,6 @@ matrix is held. `sdvae.planning` chooses a plan from a memory budget. Background
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -196,7 +195,7 @@ def _tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Ten
         if p.into is not None:
             out = maps[p.into]
         elif p.store == "files":
-            out = FileActivation(shapes[t], x.dtype, x.device, os.environ.get("SDVAE_SCRATCH"))
+            out = FileActivation(shapes[t], x.dtype, x.device)
         elif p.store == "memory":
             out = RamActivation.empty(shapes[t], x.dtype, x.device)
         else:
