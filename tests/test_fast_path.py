@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from reference import random_images, reference_vae, rel_err
+from reference import loaded_from, random_images, reference_vae, rel_err
 from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_decoder, load_encoder
 
 SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8)
@@ -102,6 +102,7 @@ def test_half_precision_group_norm_and_silu_round_once(dtype, inplace, monkeypat
     torch.nn.init.normal_(norm.weight, 1.0, 0.5), torch.nn.init.normal_(norm.bias, 0.0, 0.5)
     norm = norm.to(dtype)
     x = (torch.randn(2, 24, 13, 21) * 3 + 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[:, 3] = 7.0  # a constant channel: its variance 0
     want = torch.nn.functional.silu(torch.nn.functional.group_norm(
         x.double(), 4, norm.weight.double(), norm.bias.double(), 1e-6)).to(dtype)
     with torch.no_grad():
@@ -111,6 +112,23 @@ def test_half_precision_group_norm_and_silu_round_once(dtype, inplace, monkeypat
     near_zero = (got.double() - want.double()).abs() < 1e-6  # float32's absolute error, seen in float16 there
     assert ((got == want) | (got == up) | (got == down) | near_zero).all()  # else never more than a last-bit flip
     assert (got != want).double().mean() < 2e-3  # float32 vs float64 arithmetic flips only near-ties
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_maps_with_constant_channels_stay_near_float32(dtype):
+    """A band, tile or image in which a channel is constant (zero padding, a flat background, a 1x1 last tile) has
+    variance 0 there: the statistics must merge it as such, not as infinite."""
+    config = VaeConfig(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1)
+    ref = reference_vae(config, seed=4)
+    enc32, dec32 = loaded_from(ref, config)
+    enc, dec = loaded_from(ref, config, dtype)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    half_zero = torch.cat([torch.zeros(1, 3, 24, 40), random_images(1, 24, 40)], 2)
+    with torch.no_grad():
+        for x, kwargs in ((torch.zeros(1, 3, 32, 32), {}), (half_zero, {}), (random_images(1, 40, 56), {"tile_size": 8})):
+            assert rel_err(enc(x.to(dtype), **kwargs), enc32(x)) <= tolerance
+        z = torch.randn(1, config.latent_channels, 1, 1)
+        assert rel_err(dec(z.to(dtype)), dec32(z)) <= 2 * tolerance
 
 
 def test_half_precision_group_norm_with_only_the_bias_trained_keeps_gradients():

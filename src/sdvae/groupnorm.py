@@ -50,8 +50,9 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype in HALF:
         one = torch.ones(c, device=x.device)  # float32 affine parameters select the float32 statistics
         stats = [torch.native_batch_norm(x[i:i + 1], one, one, None, None, True, 0.0, 0.0)[1:] for i in range(b)]
-        mean = torch.stack([m for m, _ in stats])
-        return mean, torch.stack([invstd for _, invstd in stats]).pow(-2) * (h * w)
+        mean, invstd = (torch.stack(parts) for parts in zip(*stats))
+        var = torch.where(invstd > 0, invstd.pow(-2), 0.0)  # a constant channel has invstd 0 here (eps is 0), not inf
+        return mean, var * (h * w)
     values = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for channels-last x (a band of full rows)
     mean = values.mean(1, keepdim=True)
     m2 = torch.stack([(chunk - mean).square_().sum(1) for chunk in values.split(STATS_CHUNK, dim=1)]).sum(0)
