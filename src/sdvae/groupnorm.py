@@ -96,8 +96,11 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: b
     A half-precision `x` with float32 `scale` and `shift` (as `affine` gives them) is computed in float32, a chunk
     of rows at a time (each chunk stays in cache), and rounded once into `out`: rounding the normalized value, then
     its SiLU, made the bfloat16 encoder's error against float32 1.14x larger (SD 1.5, 128 px, `bench/README.md`).
+    Under autograd, and while torch.compile traces (where `out=` on a channels-last map breaks the graph, and the
+    compiler fuses the ops itself), the result is a new tensor and `out` is left alone.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):  # no out=
+    recorded = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
+    if recorded or torch.compiler.is_compiling():
         y = torch.addcmul(shift, x, scale)
         return (F.silu(y) if silu else y).to(x.dtype)
     out = torch.empty_like(x) if out is None else out
@@ -105,8 +108,7 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: b
         y = torch.addcmul(shift, x, scale, out=out)
         return F.silu(y, inplace=True) if silu else y
     b, c, h, w = x.shape
-    whole = x.device.type != "cpu" or torch.compiler.is_compiling()  # chunks fit a CPU cache; GPUs take one
-    rows = h if whole else max(1, HALF_CHUNK // max(1, b * c * w))
+    rows = h if x.device.type != "cpu" else max(1, HALF_CHUNK // max(1, b * c * w))  # chunks fit a CPU cache
     buffer = torch.empty(b, min(rows, h), w, c, dtype=scale.dtype, device=x.device).permute(0, 3, 1, 2)
     for r0 in range(0, h, rows):
         part = buffer[:, :, :min(rows, h - r0)]
