@@ -189,9 +189,13 @@ def test_memory_sizes_parse_and_bad_ones_are_named():
 
     assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("1.5 GB") == 1_500_000_000
     assert parse_memory(4096) == 4096 and parse_memory("800m") == 800_000_000
-    for bad in ("lots", "2 GiBs", "-1GB", 0, True):
-        with pytest.raises(ValueError, match="max_memory"):
+    assert parse_memory("4Gi") == 4 * 2**30 and parse_memory("1e9") == 10**9 and parse_memory("3 kib") == 3072
+    for bad in ("lots", "2 GiBs", 0, True):
+        with pytest.raises(ValueError, match="max_memory must be bytes or a size|max_memory must be at least"):
             parse_memory(bad)
+    for small in ("-1GB", "-1", "0.4", 0.4):  # no budget at all, not a zero one
+        with pytest.raises(ValueError, match="max_memory must be at least one byte"):
+            parse_memory(small)
 
 
 def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, caplog, tmp_path, monkeypatch):

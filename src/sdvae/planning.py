@@ -26,8 +26,9 @@ from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, sch
 
 log = logging.getLogger("sdvae")
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+# "", "b"; k, kb, ki, kib (1000 and 1024) and the same for m, g and t, in any case
+_UNITS = {"": 1, "b": 1} | {f"{p}{b}": 1000 ** (i + 1) for i, p in enumerate("kmgt") for b in ("", "b")} | {
+    f"{p}i{b}": 1024 ** (i + 1) for i, p in enumerate("kmgt") for b in ("", "b")}
 AUTO_TILES = (256, 128, 64, 32)  # pixels: the largest run convs at full speed, the smallest bound temporaries
 SLACK_TILES = 6  # first-level tiles of memory the estimate adds for what it does not model (see tiled_peak)
 
@@ -37,12 +38,12 @@ def parse_memory(value: int | str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         number, unit = value, ""
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value), re.IGNORECASE)
         if not match or match[2].lower() not in _UNITS:
             raise ValueError(f"max_memory must be bytes or a size like '2GiB', got {value!r}")
         number, unit = float(match[1]), match[2].lower()
-    if number <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
+    if int(number * _UNITS[unit]) < 1:
+        raise ValueError(f"max_memory must be at least one byte, got {value!r}")
     return int(number * _UNITS[unit])
 
 
