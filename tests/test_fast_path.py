@@ -125,7 +125,8 @@ def test_half_precision_maps_with_constant_channels_stay_near_float32(dtype):
     tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-3
     half_zero = torch.cat([torch.zeros(1, 3, 24, 40), random_images(1, 24, 40)], 2)
     with torch.no_grad():
-        for x, kwargs in ((torch.zeros(1, 3, 32, 32), {}), (half_zero, {}), (random_images(1, 40, 56), {"tile_size": 8})):
+        cases = ((torch.zeros(1, 3, 32, 32), {}), (half_zero, {}), (random_images(1, 40, 56), {"tile_size": 8}))
+        for x, kwargs in cases:
             assert rel_err(enc(x.to(dtype), **kwargs), enc32(x)) <= tolerance
         z = torch.randn(1, config.latent_channels, 1, 1)
         assert rel_err(dec(z.to(dtype)), dec32(z)) <= 2 * tolerance
