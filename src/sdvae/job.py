@@ -295,9 +295,8 @@ class ShardEncoder:
             if isinstance(result, str):
                 continue
             meta = {"key": item.key, "source": printable(item.source), "caption": item.caption,
-                    "input_id": item.input_id,
-                    "original_size": list(result.original_size), "crop": list(result.crop),
-                    "bucket": list(result.bucket)}
+                    "input_id": item.input_id, "original_size": list(result.original_size),
+                    "crop": list(result.crop), "bucket": list(result.bucket)}
             by_bucket[result.bucket].append(({**meta, "flipped": False}, result.pixels))
             if self.settings.flip:
                 flipped = np.ascontiguousarray(result.pixels[:, ::-1])

@@ -68,12 +68,12 @@ def scratch_room() -> int:
     if folder is None:
         return 0
     try:
-        if not os.path.isdir(folder):
-            raise NotADirectoryError(folder)
-        return int(0.9 * shutil.disk_usage(folder).free)
+        if os.path.isdir(folder):
+            return int(0.9 * shutil.disk_usage(folder).free)
     except OSError:
-        log.warning("sdvae: scratch folder %s is not a folder that can be read: no scratch files", folder)
-        return 0
+        pass
+    log.warning("sdvae: scratch folder %s is not a folder that can be read: no scratch files", folder)
+    return 0
 
 
 def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype) -> int:

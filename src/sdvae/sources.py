@@ -276,7 +276,8 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
             listed = list(pool.map(read, files, chunksize=max(1, len(files) // (8 * processes))))
     else:
         listed = list(map(read, files))
-    items = [replace(item, key=printable(item.key)) for item in itertools.chain.from_iterable(listed)]
+    items = [item if printable(item.key) == item.key else replace(item, key=printable(item.key))
+             for item in itertools.chain.from_iterable(listed)]
     seen: dict[str, str] = {}
     for item in items:
         if item.key in seen:
