@@ -80,7 +80,7 @@ def stage_times(tars: list[Path], ckpt: Path, tmp: Path, settings: Settings) -> 
     out["encode (batch 8)"] = ((time.perf_counter() - start) / n, f"{torch.get_num_threads()} threads")
     store = LocalStore(tmp / "stage-write")
     start = time.perf_counter()
-    write_shard_data(store, 0, tensors, errors, "bench")
+    write_shard_data(store, 0, tensors, rows, errors, "bench")
     write_shard_marker(store, 0, rows, "bench")
     out["write shard"] = ((time.perf_counter() - start) / n, "safetensors + Parquet, fsync")
     return out

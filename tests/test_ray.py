@@ -1,4 +1,5 @@
-"""`--engine ray` gives the local engine's dataset: on a local instance, on a two-node cluster, and after kills."""
+"""`--engine ray` gives the local engine's dataset: on a local instance, on a two-node cluster, and after kills
+(the killed driver's writer lock stops no resume)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from inputs import mixed_inputs
 from reference import rel_err
 from sdvae import LatentDataset
 from sdvae.job import Runtime, Settings, encode_dataset
+from sdvae.storage import LocalStore, OutputInUse
 
 SETTINGS = Settings(resolution=64, max_pixels=10**6, flip=True)
 
@@ -71,6 +73,8 @@ def test_ray_engine_on_a_local_instance_equals_the_local_engine(model, inputs, l
         with pytest.raises(ValueError, match="need as many GPUs"):
             encode_dataset(inputs, str(model), tmp_path / "gpu", SETTINGS, engine="ray", runtime=Runtime(device="cuda"))
         assert not (tmp_path / "full").exists() and not (tmp_path / "gpu").exists()
+        with LocalStore(tmp_path / "held").writer_lock(), pytest.raises(OutputInUse, match="another run is writing"):
+            encode_dataset(inputs, str(model), tmp_path / "held", SETTINGS, engine="ray")  # the driver holds it
     finally:
         ray.shutdown()
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,20 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-def write_shard_data(store: LocalStore, index: int, tensors: dict[str, torch.Tensor], errors: list[dict[str, Any]],
-                     settings: str) -> None:
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """A short hash of which latent each row names: binds a latents file to its own metadata part."""
+    names = sorted((r["tensor"], r["row"], r["key"], r["flipped"]) for r in rows)
+    return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+
+
+def write_shard_data(store: LocalStore, index: int, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]],
+                     errors: list[dict[str, Any]], settings: str) -> None:
     """Write one shard's latents and error records (a worker's part; the shard is not complete yet)."""
     from safetensors.torch import save
 
     name = shard_name(index)
-    store.write(f"shards/{name}.safetensors",
-                save({k: v.contiguous() for k, v in tensors.items()}, metadata={"settings_id": settings}))
+    metadata = {"settings_id": settings, "rows": rows_digest(rows)}
+    store.write(f"shards/{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
     write_jsonl(store, f"errors/{name}.jsonl", errors)
 
 
@@ -101,17 +108,81 @@ def complete_shards(store: LocalStore) -> list[int]:
     return [int(n[:-8]) for n in store.list("metadata") if n.endswith(".parquet") and n[:-8].isdigit()]
 
 
+class ShardError(ValueError):
+    """A stored shard that cannot be served: its metadata part or latents file is missing, cut short or foreign."""
+
+
 def read_shard_rows(store: LocalStore, index: int) -> list[dict[str, Any]]:
-    """The metadata rows of one complete shard."""
+    """The metadata rows of one complete shard; ShardError naming the file when it is not a whole metadata part."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(pa.BufferReader(store.read(f"metadata/{shard_name(index)}.parquet"))).to_pylist()
+    name = f"metadata/{shard_name(index)}.parquet"
+    data = store.read(name)
+    try:
+        table = pq.read_table(pa.BufferReader(data if data is not None else b""))
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(f"{store}/{name}: not a readable metadata part ({e})") from None
+    missing = [n for n in _schema(pa).names if n not in table.column_names]
+    if missing:
+        raise ShardError(f"{store}/{name}: not an sdvae metadata part (no column {', '.join(missing)})")
+    return table.to_pylist()
 
 
-def read_metadata(store: LocalStore) -> list[dict[str, Any]]:
-    """Every stored latent's metadata row, in shard order."""
-    return [row for index in complete_shards(store) for row in read_shard_rows(store, index)]
+def _safetensors_header(store: LocalStore, name: str) -> dict[str, Any]:
+    """The header of a safetensors file, checked to describe the whole file: ShardError saying what is wrong."""
+    size = store.size(name)
+    if size is None:
+        raise ShardError(f"{store}/{name}: is missing")
+    head = store.read_range(name, 0, 8)
+    header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+    if 8 + header_len > size:
+        raise ShardError(f"{store}/{name}: cut short ({size} bytes, not even its header)")
+    try:
+        header = json.loads(store.read_range(name, 8, header_len))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        for info in tensors.values():
+            begin, end = info["data_offsets"]
+            if (end - begin) != int(np.prod(info["shape"])) * _TORCH_DTYPES[info["dtype"]].itemsize:
+                raise ValueError(f"tensor of shape {info['shape']} in {end - begin} bytes")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{store}/{name}: not a safetensors file ({e})") from None
+    data_end = 8 + header_len + max((info["data_offsets"][1] for info in tensors.values()), default=0)
+    if data_end != size:
+        cut = "cut short" if size < data_end else "longer than its header says"
+        raise ShardError(f"{store}/{name}: {cut} ({size} bytes, its header describes {data_end})")
+    return header
+
+
+def check_shard(store: LocalStore, index: int, rows: list[dict[str, Any]], settings: str) -> None:
+    """Check that shard `index` holds what its metadata rows say, written with `settings`: its latents file is
+    present and whole, holds a mean and a logvar for every row (and nothing else), and was written for these rows
+    (not another shard's file put in its place). ShardError otherwise."""
+    name = f"shards/{shard_name(index)}.safetensors"
+    other = sorted({r["settings_id"] for r in rows} - {settings})
+    if other:
+        raise ShardError(f"{store}/metadata/{shard_name(index)}.parquet: written with other settings "
+                         f"({', '.join(other)}) than the manifest's ({settings})")
+    header = _safetensors_header(store, name)
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("settings_id") != settings:
+        raise ShardError(f"{store}/{name}: written with other settings ({metadata.get('settings_id')}) than the "
+                         f"manifest's ({settings})")
+    if metadata.get("rows", rows_digest(rows)) != rows_digest(rows):  # (files of sdvae 0.1.0 carry no digest)
+        raise ShardError(f"{store}/{name}: holds other images' latents than its metadata part lists")
+    counts = Counter(r["tensor"] for r in rows)
+    listed = {f"{part}_{tag}" for tag in counts for part in ("mean", "logvar")}
+    for tag, n in counts.items():
+        shapes = [header.get(f"{part}_{tag}", {}).get("shape") for part in ("mean", "logvar")]
+        if shapes[0] is None or shapes[0] != shapes[1] or shapes[0][0] != n:
+            raise ShardError(f"{store}/{name}: its metadata lists {n} latent(s) {tag}, the file holds mean "
+                             f"{shapes[0]} and logvar {shapes[1]}")
+        if sorted(r["row"] for r in rows if r["tensor"] == tag) != list(range(n)):
+            raise ShardError(f"{store}/metadata/{shard_name(index)}.parquet: its rows do not number the {n} "
+                             f"latent(s) {tag}")
+    extra = sorted(set(header) - listed - {"__metadata__"})
+    if extra:
+        raise ShardError(f"{store}/{name}: holds tensors its metadata does not list ({', '.join(extra)})")
 
 
 def read_errors(store: LocalStore, shards: Iterable[int]) -> list[dict[str, Any]]:
@@ -160,12 +231,15 @@ class LatentDataset(torch.utils.data.Dataset):
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{self.root}: not an sdvae latent dataset (no {MANIFEST} of format {FORMAT})")
         self.config = VaeConfig.from_diffusers(self.manifest["config"])
-        self.rows = read_metadata(store)
-        wanted = self.manifest["settings_id"]
-        mixed = sorted({r["settings_id"] for r in self.rows} - {wanted})
-        if mixed:
-            raise ValueError(f"{self.root}: shards written with other settings ({', '.join(mixed)}) than the "
-                             f"manifest's ({wanted}); re-encode them or keep them in separate datasets")
+        self.rows = []
+        try:
+            for index in complete_shards(store):
+                rows = read_shard_rows(store, index)
+                check_shard(store, index, rows, self.manifest["settings_id"])
+                self.rows += rows
+        except ShardError as e:
+            raise ShardError(f"{e}. To repair the dataset, run the `sdvae encode` command that wrote it again with "
+                             "--resume: it encodes that shard's images again") from None
         self.mode, self.seed, self.epoch = mode, seed, 0
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .dataset import (FORMAT, MANIFEST, complete_shards, file_sha256, read_errors, read_manifest, read_shard_rows,
-                      settings_id, shard_name, write_json, write_jsonl, write_shard_data, write_shard_marker)
+from .dataset import (FORMAT, MANIFEST, ShardError, check_shard, complete_shards, file_sha256, read_errors,
+                      read_manifest, read_shard_rows, settings_id, shard_name, write_json, write_jsonl,
+                      write_shard_data, write_shard_marker)
 from .loading import load_encoder, open_checkpoint
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, Prepared, load_rgb, make_buckets, prepare, target_size
 from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, list_inputs, printable, read_images
@@ -136,12 +137,12 @@ def plan_shards(items: list[Item], per_shard: int) -> list[list[Item]]:
     return [items[start:start + per_shard] for start in range(0, len(items), per_shard)]
 
 
-def plan_job(inputs: list[str], model: str, output: str | Path, settings: Settings, *, family: str | None = None,
+def plan_job(inputs: list[str], model: str, store: LocalStore, settings: Settings, *, family: str | None = None,
              shard_size: int | None = None, resume: bool = False, overwrite: bool = False,
              image_column: str | None = None, caption_column: str | None = None) -> Job:
-    """List the inputs, check the output against the settings, write the manifest, and find the shards to do."""
-    check_counts(shard_size=shard_size)
-    store = open_store(output)
+    """List the inputs, check the output against the settings, write the manifest, and find the shards to do.
+
+    The caller holds the store's writer lock."""
     items = list_inputs(inputs, image_column, caption_column)
     if not items:
         raise ValueError(f"no images in {' '.join(inputs)} (files, folders and lists are read for "
@@ -165,22 +166,31 @@ def plan_job(inputs: list[str], model: str, output: str | Path, settings: Settin
     latent_bytes = 2 * checkpoint.config.latent_channels * (settings.resolution // 8) ** 2 * store_bytes
     per_shard = shard_size or max(1, SHARD_BYTES // (latent_bytes * (2 if settings.flip else 1)))
     plan = plan_shards(items, per_shard)
-    todo = _shards_to_do(store, plan)
+    todo = _shards_to_do(store, plan, manifest["settings_id"])
     log.info("%d inputs in %d shards, %d shard(s) to encode into %s", len(items), len(plan), len(todo), store)
     return Job(store, manifest, settings, manifest["model"]["file"], plan, todo)
+
+
+def _refuse_foreign(store: LocalStore) -> dict[str, Any] | None:
+    """The output's sdvae manifest, or None where it has none; ValueError for a folder that holds anything else
+    (checked before the run creates anything there)."""
+    existing = read_manifest(store)
+    if existing is None:
+        if not store.is_empty():
+            raise ValueError(f"{store}: is not empty and not an sdvae dataset; choose an empty or new --output")
+        return None
+    if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+        raise ValueError(f"{store}: its {MANIFEST} is not one sdvae wrote (no format {FORMAT}); choose an empty or "
+                         "new --output")
+    return existing
 
 
 def _check_output(store: LocalStore, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
     """Refuse an output that holds anything but an sdvae dataset, or latents that `resume`/`overwrite` do not
     cover; `overwrite` removes the stored latents (only those), and a dataset that stores none yet starts over."""
-    existing = read_manifest(store)
+    existing = _refuse_foreign(store)
     if existing is None:
-        if not store.is_empty():
-            raise ValueError(f"{store}: is not empty and not an sdvae dataset; choose an empty or new --output")
         return
-    if not isinstance(existing, dict) or existing.get("format") != FORMAT:
-        raise ValueError(f"{store}: its {MANIFEST} is not one sdvae wrote (no format {FORMAT}); choose an empty or "
-                         "new --output")
     if overwrite:
         for folder in ("metadata", "shards", "errors"):
             for name in store.list(folder):
@@ -197,22 +207,37 @@ def _check_output(store: LocalStore, manifest: dict[str, Any], resume: bool, ove
         raise ValueError(f"{store}: already holds latents; pass --resume to continue, or --overwrite to start over")
 
 
-def _shards_to_do(store: LocalStore, plan: list[list[Item]]) -> list[int]:
-    """The planned shards that are not complete with exactly their planned inputs, unchanged since encoded.
+def _kept(store: LocalStore, index: int, items: list[Item], settings: str) -> bool:
+    """Whether complete shard `index` can be kept: it holds exactly `items`, unchanged since encoded, and its
+    files are whole and written with `settings` (else the reason is logged)."""
+    try:
+        rows = read_shard_rows(store, index)
+        stored = {(r["key"], r["input_id"]) for r in rows if not r["flipped"]}
+        stored |= {(e["key"], e.get("input_id")) for e in read_errors(store, [index])}
+        if stored != {(item.key, item.input_id) for item in items}:
+            return False
+        check_shard(store, index, rows, settings)
+    except (ShardError, ValueError, KeyError, TypeError) as e:  # (an errors part that is not JSON records)
+        log.warning("%s: encoding its %d input(s) again", e, len(items))
+        return False
+    return True
 
-    Complete shards that no longer match (an input changed, appeared or went away) lose their metadata part first,
-    so a kill during cleanup leaves them incomplete rather than stale. Leftover temporary files go too.
+
+def _shards_to_do(store: LocalStore, plan: list[list[Item]], settings: str) -> list[int]:
+    """The planned shards that are not complete with exactly their planned inputs, unchanged since encoded, in
+    whole files written with `settings`.
+
+    Complete shards that no longer match (an input changed, appeared or went away, or a file was lost, cut short or
+    written by another run) lose their metadata part first, so a kill during cleanup leaves them incomplete rather
+    than stale. Leftover temporary files go too.
     """
     done = set()
     stale = 0
     for index in complete_shards(store):
-        if index < len(plan):
-            stored = {(r["key"], r.get("input_id")) for r in read_shard_rows(store, index) if not r["flipped"]}
-            stored |= {(e["key"], e.get("input_id")) for e in read_errors(store, [index])}
-            if stored == {(item.key, item.input_id) for item in plan[index]}:
-                done.add(index)
-                continue
-            stale += 1
+        if index < len(plan) and _kept(store, index, plan[index], settings):
+            done.add(index)
+            continue
+        stale += index < len(plan)
         store.remove(f"metadata/{shard_name(index)}.parquet")
     for folder in ("metadata", "shards", "errors"):
         for name in store.list(folder):
@@ -220,8 +245,7 @@ def _shards_to_do(store: LocalStore, plan: list[list[Item]]) -> list[int]:
             if name.startswith(".") or index.isdigit() and int(index) not in done and folder != "metadata":
                 store.remove(f"{folder}/{name}")
     if stale:
-        log.info("%d stored shard(s) no longer match their inputs (changed, added or removed): encoding them again",
-                 stale)
+        log.info("%d stored shard(s) no longer match their inputs or files: encoding them again", stale)
     return [index for index in range(len(plan)) if index not in done]
 
 
@@ -288,39 +312,66 @@ class ShardEncoder:
 
     def __call__(self, prepared: list[tuple[Item, Prepared | str]], on_batch: Callable[[int], None] = lambda n: None
                  ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
-        """Encode in same-size batches; returns the shard's tensors, metadata rows and error records."""
+        """Encode in same-size batches; returns the shard's tensors, metadata rows and error records.
+
+        An input whose latent (or its flipped twin's) is not finite as stored fails with the reason: NaN or inf is
+        never stored as a latent."""
         errors = [item.record(result) for item, result in prepared if isinstance(result, str)]
-        by_bucket: dict[tuple[int, int], list[tuple[dict[str, Any], np.ndarray]]] = defaultdict(list)
+        by_bucket: dict[tuple[int, int], list[tuple[Item, Prepared, bool]]] = defaultdict(list)
         for item, result in prepared:
-            if isinstance(result, str):
-                continue
-            meta = {"key": item.key, "source": printable(item.source), "caption": item.caption,
-                    "input_id": item.input_id, "original_size": list(result.original_size),
-                    "crop": list(result.crop), "bucket": list(result.bucket)}
-            by_bucket[result.bucket].append(({**meta, "flipped": False}, result.pixels))
-            if self.settings.flip:
-                flipped = np.ascontiguousarray(result.pixels[:, ::-1])
-                by_bucket[result.bucket].append(({**meta, "flipped": True}, flipped))
-        tensors: dict[str, torch.Tensor] = {}
-        rows: list[dict[str, Any]] = []
+            if not isinstance(result, str):
+                versions = (False, True) if self.settings.flip else (False,)
+                by_bucket[result.bucket] += [(item, result, flipped) for flipped in versions]
+        encoded: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        failed: dict[str, str] = {}
         size = self.runtime.batch_size
         for bucket, entries in by_bucket.items():
-            tag = f"{bucket[0]}x{bucket[1]}"
-            means, logvars = [], []
+            encoded[bucket] = []
             for start in range(0, len(entries), size):
                 batch = entries[start:start + size]
-                dist = self._encode(np.stack([pixels for _, pixels in batch]))
-                means.append(dist.mean.to("cpu", self.store_dtype))
-                logvars.append(dist.logvar.to("cpu", self.store_dtype))
-                on_batch(sum(1 for meta, _ in batch if not meta["flipped"]))
-            tensors[f"mean_{tag}"], tensors[f"logvar_{tag}"] = torch.cat(means), torch.cat(logvars)
-            rows += [{**meta, "tensor": tag, "row": i} for i, (meta, _) in enumerate(entries)]
+                dist = self._encode(np.stack([_pixels(result, flipped) for _, result, flipped in batch]))
+                mean, logvar = dist.mean.to("cpu", self.store_dtype), dist.logvar.to("cpu", self.store_dtype)
+                for (item, _, _), reason in zip(batch, _not_finite(dist.mean, dist.logvar, mean, logvar)):
+                    if reason:
+                        failed.setdefault(item.key, reason)
+                encoded[bucket] += zip(mean, logvar)
+                on_batch(sum(1 for _, _, flipped in batch if not flipped))
+        tensors: dict[str, torch.Tensor] = {}
+        rows: list[dict[str, Any]] = []
+        for bucket, entries in by_bucket.items():
+            kept = [(entry, latent) for entry, latent in zip(entries, encoded[bucket]) if entry[0].key not in failed]
+            if not kept:
+                continue
+            tag = f"{bucket[0]}x{bucket[1]}"
+            tensors[f"mean_{tag}"] = torch.stack([mean for _, (mean, _) in kept])
+            tensors[f"logvar_{tag}"] = torch.stack([logvar for _, (_, logvar) in kept])
+            rows += [{"key": item.key, "source": printable(item.source), "caption": item.caption,
+                      "input_id": item.input_id, "original_size": list(result.original_size),
+                      "crop": list(result.crop), "bucket": list(bucket), "flipped": flipped, "tensor": tag, "row": i}
+                     for i, ((item, result, flipped), _) in enumerate(kept)]
+        errors += [item.record(failed[item.key]) for item, result in prepared
+                   if not isinstance(result, str) and item.key in failed]
         return tensors, rows, errors
 
     def _encode(self, pixels: np.ndarray):
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.encoder.device, torch.float32) / 127.5 - 1.0
         with torch.no_grad():
             return self.encoder.encode(x, tile_size=self.runtime.tile_size, max_memory=self.runtime.max_memory)
+
+
+def _pixels(prepared: Prepared, flipped: bool) -> np.ndarray:
+    return np.ascontiguousarray(prepared.pixels[:, ::-1]) if flipped else prepared.pixels
+
+
+def _not_finite(mean: torch.Tensor, logvar: torch.Tensor, stored_mean: torch.Tensor,
+                stored_logvar: torch.Tensor) -> list[str | None]:
+    """Per sample, why its latent cannot be stored (NaN or inf computed, or past the store dtype's range), or None."""
+    def finite(*tensors: torch.Tensor) -> list[bool]:
+        return torch.stack([torch.isfinite(t).flatten(1).all(1) for t in tensors]).all(0).tolist()
+
+    return [None if stored else "the encoder's latent is not finite (NaN or inf): check the checkpoint's weights"
+            if not computed else f"the latent overflows {str(stored_mean.dtype)[6:]} storage (inf): store float32"
+            for computed, stored in zip(finite(mean, logvar), finite(stored_mean, stored_logvar))]
 
 
 def _prepared_shards(job: Job, workers: int) -> Iterator[list[tuple[Item, Prepared | str]]]:
@@ -352,17 +403,21 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    check_counts(shard_size=shard_size)
     if engine == "ray":
         from .ray_engine import connect, run_ray
 
         pool = connect(ray_address, ray_actors, ray_actor_cpus, runtime.device)  # setup errors before any write
     else:
         check_device(runtime.device)  # (a Ray cluster's devices are its nodes', not this machine's)
-    job = plan_job(inputs, model, output, settings, family=family, shard_size=shard_size, resume=resume,
-                   overwrite=overwrite, image_column=image_column, caption_column=caption_column)
-    if engine == "ray":
-        return run_ray(job, runtime, pool)
-    return run_local(job, ShardEncoder(job.model_file, job.manifest["config"], job.settings, runtime), workers)
+    store = open_store(output)
+    _refuse_foreign(store)  # before the lock creates anything there
+    with store.writer_lock():
+        job = plan_job(inputs, model, store, settings, family=family, shard_size=shard_size, resume=resume,
+                       overwrite=overwrite, image_column=image_column, caption_column=caption_column)
+        if engine == "ray":
+            return run_ray(job, runtime, pool)
+        return run_local(job, ShardEncoder(job.model_file, job.manifest["config"], job.settings, runtime), workers)
 
 
 class Tally:
@@ -393,7 +448,7 @@ def run_local(job: Job, shard_encoder: ShardEncoder, workers: int) -> dict[str, 
         for index, shard in zip(job.todo, prepared):
             tensors, rows, errors = shard_encoder(shard, tally.progress.update)
             tally.progress.update(len(errors), failed=len(errors))
-            write_shard_data(job.store, index, tensors, errors, job.settings_id)
+            write_shard_data(job.store, index, tensors, rows, errors, job.settings_id)
             write_shard_marker(job.store, index, rows, job.settings_id)
             tally.done(index, len(errors))
     finally:

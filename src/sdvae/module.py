@@ -66,7 +66,7 @@ class VaeModule(nn.Module):
         return next(self.parameters()).device
 
     def _check_input(self, x: torch.Tensor, channels: int, min_size: int, what: str) -> torch.Tensor:
-        """Validate `[B, channels, H, W]` and cast floating input to the weights' dtype."""
+        """Validate `[B, channels, H, W]` of finite values and cast floating input to the weights' dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor {what} [B, {channels}, H, W], got {type(x).__name__}")
         if x.ndim != 4 or x.shape[1] != channels or x.shape[0] == 0:
@@ -75,6 +75,10 @@ class VaeModule(nn.Module):
             raise ValueError(f"{what} of shape {list(x.shape)} is too small: H and W must be at least {min_size}")
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point {what}, got {x.dtype}")
+        finite = torch.isfinite(x).flatten(1).all(1)
+        if not finite.all():
+            raise ValueError(f"{what} of batch item(s) {(~finite).nonzero().flatten().tolist()} hold NaN or inf: "
+                             "they would give NaN results")
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_has_native_bf16() is False:
             _warn_slow_bfloat16()
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)

@@ -60,7 +60,7 @@ class _EncodeShards:
         out: dict[str, list[Any]] = {"shard": [], "rows": [], "failed": []}
         for index, prepared in zip(batch["shard"], batch["prepared"]):
             tensors, rows, errors = self.encoder(pickle.loads(prepared))
-            write_shard_data(self.store, int(index), tensors, errors, self.settings_id)
+            write_shard_data(self.store, int(index), tensors, rows, errors, self.settings_id)
             out["shard"].append(int(index))
             out["rows"].append(json.dumps(rows))
             out["failed"].append(len(errors))

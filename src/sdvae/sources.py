@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import re
+import stat
 import tarfile
 import zlib
 from collections import Counter
@@ -77,6 +78,19 @@ def _identity(stat_part: str, caption: str | None) -> str:
 def _file_id(path: Path) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+NOT_REGULAR = "not a regular file (a FIFO, device or socket): not read"
+
+
+def _open_regular(path: str):
+    """`open(path, "rb")`, refusing anything but a regular file before a read could block on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{printable(path)}: {NOT_REGULAR}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -225,6 +239,12 @@ def _parquet_items(name: str, path: Path, image_column: str | None, caption_colu
 
 def _from_path(file: tuple[str, Path, bool], image_column: str | None, caption_column: str | None) -> list[Item]:
     key, path, in_folder = file
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        regular = True  # (what fails to stat fails again below, with its reason)
+    if not regular:
+        return [Item(key, str(path), error=NOT_REGULAR)]
     suffix = path.suffix.lower()
     if suffix == ".tar":
         return _tar_items(key, path)
@@ -321,7 +341,7 @@ def read_images(items: list[Item], base: str | None = None) -> Iterator[tuple[It
 
 
 def _read_file_part(path: str, item: Item) -> bytes | str:
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         if item.kind == "file":
             return f.read()
         offset, size = item.member

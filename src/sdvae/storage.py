@@ -6,9 +6,24 @@ filesystem; an object store would be another class with these methods and a `loc
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
+import logging
 import os
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger("sdvae")
+
+LOCK = ".sdvae-writer.lock"
+
+
+class OutputInUse(ValueError):
+    """Another run holds the output's writer lock."""
 
 
 class LocalStore:
@@ -43,6 +58,19 @@ class LocalStore:
         except FileNotFoundError:
             return None
 
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        """Up to `length` bytes of the file from `start` (fewer at its end); FileNotFoundError if it is absent."""
+        with open(self.root / name, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    def size(self, name: str) -> int | None:
+        """The file's size in bytes, or None when it does not exist."""
+        try:
+            return (self.root / name).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def list(self, folder: str) -> list[str]:
         """The names of the files in `folder` (temporary files too: they start with a dot), sorted."""
         path = self.root / folder
@@ -52,7 +80,64 @@ class LocalStore:
         (self.root / name).unlink(missing_ok=True)
 
     def is_empty(self) -> bool:
-        return not self.root.exists() or not any(self.root.iterdir())
+        """Whether the folder is absent or holds nothing (a writer lock left unlocked counts as nothing)."""
+        return not self.root.exists() or all(p.name == LOCK for p in self.root.iterdir())
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the output's one-writer lock for the block; a second writer gets `OutputInUse` at once.
+
+        The lock is the kernel's `flock` on `LOCK`: a killed run's lock goes with its process, so none is ever
+        left stale. The file names its holder (host, pid, start) for the message; the holder removes it on exit,
+        and the folder too where the lock made it and nothing else was written.
+        """
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        fd = _lock(path)
+        if fd is None:
+            log.warning("%s: this filesystem cannot lock files: make sure no other run writes here", self)
+            yield
+            return
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+            yield
+        finally:
+            os.unlink(path)
+            os.close(fd)
+            if created and not any(self.root.iterdir()):
+                self.root.rmdir()  # a run that wrote nothing leaves no folder behind
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor of `path` holding its exclusive flock, or None where the filesystem has no locks."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise OutputInUse(f"{path.parent}: another run is writing this output ({_holder(path)}); wait for "
+                                  "it to finish or stop it, or choose another --output") from None
+            return None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file as it finished: lock the new one
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock at `path`, as its file says."""
+    try:
+        holder = json.loads(path.read_text())
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its lock file names no holder"
 
 
 def open_store(location: str | Path) -> LocalStore:

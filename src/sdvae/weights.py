@@ -47,8 +47,8 @@ def convert_state_dict(
 
     `expected` is the half's own state-dict shapes; `vae_keys` every key of a whole AutoencoderKL of the same
     config. Only the tensors needed are read from `state_dict`, so a lazy mapping reads just those. Raises
-    ValueError naming the keys when a tensor is missing or has the wrong shape, and in strict mode also when the
-    source holds keys that are not part of the VAE.
+    ValueError naming the keys when a tensor is missing, has the wrong shape or holds NaN or inf values, and in
+    strict mode also when the source holds keys that are not part of the VAE.
     """
     keymap = map_keys(state_dict.keys())
     used = {keymap.names[k] for k in expected if k in keymap.names}
@@ -56,7 +56,7 @@ def convert_state_dict(
     recognised = {src for name, src in keymap.names.items() if name in vae_keys}
     foreign = [k for k in dropped if k not in recognised]
     out: dict[str, torch.Tensor] = {}
-    missing, mismatched = [], []
+    missing, mismatched, not_finite = [], [], []
     for name, shape in expected.items():
         if name not in keymap.names:
             missing.append(keymap.source_key(name))
@@ -67,6 +67,8 @@ def convert_state_dict(
             tensor = tensor.reshape(tensor.shape[:2])
         if tuple(tensor.shape) != tuple(shape):
             mismatched.append(f"{src}: expected {list(shape)}, found {list(tensor.shape)}")
+        elif tensor.is_floating_point() and not (finite := torch.isfinite(tensor)).all():
+            not_finite.append(f"{src} ({int((~finite).sum())} of {finite.numel()})")
         out[name] = tensor
     problems = []
     if mismatched:
@@ -75,6 +77,9 @@ def convert_state_dict(
         where = f" under {keymap.prefix!r}" if keymap.prefix else ""
         problems.append(f"{len(missing)} tensor(s) missing (read as {keymap.layout} layout{where}): "
                         + ", ".join(missing))
+    if not_finite:
+        problems.append(f"{len(not_finite)} tensor(s) hold NaN or inf values (a damaged file, or weights that "
+                        "diverged in training): " + ", ".join(not_finite))
     if strict and foreign:
         problems.append(f"strict loading found {len(foreign)} key(s) that are not part of the VAE: "
                         + ", ".join(foreign))
