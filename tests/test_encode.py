@@ -231,7 +231,8 @@ def test_compile_flag_reaches_the_encoder(model, images, tmp_path, monkeypatch):
     from sdvae.module import VaeModule
 
     compiled = []
-    monkeypatch.setattr(VaeModule, "compile", lambda self, **options: compiled.append(type(self).__name__) or self)
+    monkeypatch.setattr(VaeModule, "compile_network",
+                        lambda self, **options: compiled.append(type(self).__name__) or self)
     encode(images / "a.png", "--model", model, "--output", tmp_path / "out", "--resolution", "64", "--compile")
     assert compiled == ["VaeEncoder"]
 

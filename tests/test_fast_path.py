@@ -106,7 +106,7 @@ def test_half_precision_group_norm_and_silu_round_once(dtype, inplace, monkeypat
     want = torch.nn.functional.silu(torch.nn.functional.group_norm(
         x.double(), 4, norm.weight.double(), norm.bias.double(), 1e-6)).to(dtype)
     with torch.no_grad():
-        got = groupnorm.group_norm(norm, x.clone() if inplace else x, silu=True, inplace=inplace)
+        got = groupnorm.exact_group_norm(norm, x.clone() if inplace else x, silu=True, inplace=inplace)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
     up, down = (torch.nextafter(want, torch.full_like(want, inf)) for inf in (float("inf"), float("-inf")))
     near_zero = (got.double() - want.double()).abs() < 1e-6  # float32's absolute error, seen in float16 there
@@ -139,7 +139,7 @@ def test_half_precision_group_norm_with_only_the_bias_trained_keeps_gradients():
 
     norm = torch.nn.GroupNorm(4, 16).bfloat16()
     norm.weight.requires_grad_(False)
-    groupnorm.group_norm(norm, torch.randn(2, 16, 8, 8).bfloat16(), silu=True).float().sum().backward()
+    groupnorm.exact_group_norm(norm, torch.randn(2, 16, 8, 8).bfloat16(), silu=True).float().sum().backward()
     assert norm.bias.grad is not None and norm.bias.grad.abs().sum() > 0
 
 
@@ -147,6 +147,7 @@ def test_a_resnet_called_on_an_nchw_map_equals_the_channels_last_result(monkeypa
     """The encoder keeps maps channels-last; a block called directly on an NCHW map takes the whole-map path (the
     row bands and the Winograd transforms read each band as one run of memory) with the same result."""
     from sdvae import winograd
+    from sdvae.fast import run_layer
     from sdvae.layers import ResnetBlock
 
     monkeypatch.setattr(winograd, "MIN_WORK", 0)
@@ -154,8 +155,8 @@ def test_a_resnet_called_on_an_nchw_map_equals_the_channels_last_result(monkeypa
     block = ResnetBlock(128, 128, 32).requires_grad_(False)
     x = torch.randn(1, 128, 24, 20)  # sides multiples of 4: the transforms write straight into the output
     with torch.no_grad():
-        nchw = block(x.clone())
-        cl = block(x.contiguous(memory_format=torch.channels_last))
+        nchw = run_layer(block, x.clone())
+        cl = run_layer(block, x.contiguous(memory_format=torch.channels_last))
     assert rel_err(nchw, cl) <= 1e-5
 
 
@@ -264,3 +265,26 @@ def test_compiled_encoder_and_decoder_match_diffusers(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # each network one whole graph: no breaks
     assert rel_err(mean, want_mean) <= 1e-5
     assert rel_err(images, want_images) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_the_fast_path_equals_the_plain_network(dtype, tolerance):
+    """`fast_path(False)` runs the plain network (diffusers' ops: nn.GroupNorm, out-of-place SiLU and adds, no row
+    bands); the default fast path gives the same result, encoder and decoder, untiled and tiled."""
+    from sdvae import fast_path
+
+    ref = reference_vae(SMALL, seed=8, dtype=dtype)
+    enc, dec = loaded_from(ref, SMALL, dtype)
+    x = random_images(2, 36, 44, dtype=dtype)
+    z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    with torch.no_grad():
+        with fast_path(False), profile() as prof:
+            plain, plain_images = enc(x), dec(z)
+        ops = {e.name for e in prof.events()}
+        assert "aten::group_norm" in ops and not {"aten::silu_", "mkldnn::_convolution_pointwise_"} & ops
+        assert rel_err(plain, ref.encode(x).latent_dist.parameters) <= tolerance
+        assert rel_err(enc(x), plain) <= tolerance and rel_err(dec(z), plain_images) <= tolerance
+        assert rel_err(enc(x, tile_size=16), plain) <= tolerance
+    from sdvae.fast import enabled
+
+    assert enabled()  # the switch is back on after its block

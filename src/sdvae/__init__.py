@@ -7,8 +7,9 @@ from .dataset import LatentDataset
 from .decoder import VaeDecoder
 from .distribution import DiagonalGaussian
 from .encoder import VaeEncoder
+from .fast import fast_path
 from .loading import load_decoder, load_encoder
 from .weights import DropReport
 
 __all__ = ["VaeConfig", "VaeEncoder", "VaeDecoder", "DiagonalGaussian", "LatentDataset", "DropReport",
-           "load_encoder", "load_decoder"]
+           "load_encoder", "load_decoder", "fast_path"]

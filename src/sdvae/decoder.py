@@ -6,32 +6,9 @@ import torch
 from torch import nn
 
 from .config import VaeConfig
-from .layers import MidBlock, UpBlock, group_norm, norm_silu
+from .layers import Decoder, Runner
 from .module import VaeModule
 from .scaling import unscale_latents
-
-
-class Decoder(nn.Module):
-    """conv_in, mid block, up blocks (each but the last doubles H and W), GroupNorm+SiLU, conv_out."""
-
-    def __init__(self, config: VaeConfig):
-        super().__init__()
-        boc, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, boc[0], 3, padding=1)
-        self.mid_block = MidBlock(boc[0], groups, config.mid_block_add_attention)
-        widths = [boc[0], *boc]
-        self.up_blocks = nn.ModuleList(
-            UpBlock(widths[i], widths[i + 1], config.layers_per_block + 1, groups, upsample=i < len(boc) - 1)
-            for i in range(len(boc))
-        )
-        self.conv_norm_out = group_norm(boc[-1], groups)
-        self.conv_out = nn.Conv2d(boc[-1], config.out_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(norm_silu(self.conv_norm_out, x, inplace=True))
 
 
 class VaeDecoder(VaeModule):
@@ -45,10 +22,10 @@ class VaeDecoder(VaeModule):
         self.decoder = Decoder(config)
         self._channels_last()
 
-    def _network(self, z: torch.Tensor) -> torch.Tensor:
+    def _network(self, z: torch.Tensor, run: Runner) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z, run)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Images `[B, out_channels, 8h, 8w]` (nominally in [-1, 1]) from VAE latents `[B, L, h, w]`."""

@@ -9,35 +9,11 @@ from torch import nn
 
 from .config import VaeConfig
 from .distribution import DiagonalGaussian
-from .layers import DownBlock, MidBlock, group_norm, norm_silu
+from .layers import Encoder, Runner
 from .module import VaeModule
 from .planning import plan_tiling
 from .scaling import scale_latents
 from .tiling import TilePlan, tiled_params
-
-
-class Encoder(nn.Module):
-    """conv_in, down blocks (each but the last halves H and W), mid block, GroupNorm+SiLU, conv_out to 2L."""
-
-    def __init__(self, config: VaeConfig):
-        super().__init__()
-        boc, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, boc[0], 3, padding=1)
-        widths = [boc[0], *boc]
-        self.down_blocks = nn.ModuleList(
-            DownBlock(widths[i], widths[i + 1], config.layers_per_block, groups, downsample=i < len(boc) - 1)
-            for i in range(len(boc))
-        )
-        self.mid_block = MidBlock(boc[-1], groups, config.mid_block_add_attention)
-        self.conv_norm_out = group_norm(boc[-1], groups)
-        self.conv_out = nn.Conv2d(boc[-1], 2 * config.latent_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(norm_silu(self.conv_norm_out, x, inplace=True))
 
 
 class VaeEncoder(VaeModule):
@@ -51,8 +27,8 @@ class VaeEncoder(VaeModule):
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
         self._channels_last()
 
-    def _network(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(x)
+    def _network(self, x: torch.Tensor, run: Runner) -> torch.Tensor:
+        h = self.encoder(x, run)
         return h if self.quant_conv is None else self.quant_conv(h)
 
     def _params(self, x: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:

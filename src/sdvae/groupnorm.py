@@ -19,9 +19,16 @@ HALF_CHUNK = 1 << 19  # elements of a half-precision map normalized at once in f
 HALF = (torch.float16, torch.bfloat16)
 
 
-def recording(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether autograd records `module(x)`: then only out-of-place ops, no writes into kept maps."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+def recording(*parts: torch.Tensor | nn.Module) -> bool:
+    """Whether autograd records ops on these tensors and modules' parameters."""
+    return torch.is_grad_enabled() and any(
+        p.requires_grad for part in parts for p in (part.parameters() if isinstance(part, nn.Module) else (part,)))
+
+
+def in_place_ok(*parts: torch.Tensor | nn.Module) -> bool:
+    """Whether ops on these may write into existing maps: autograd records none of them (it needs the values it
+    saw) and torch.compile is not tracing (`out=` on a channels-last map breaks its graph; it fuses ops itself)."""
+    return not torch.compiler.is_compiling() and not recording(*parts)
 
 
 def group_stats(x: torch.Tensor, groups: int) -> Stats:
@@ -99,8 +106,7 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: b
     Under autograd, and while torch.compile traces (where `out=` on a channels-last map breaks the graph, and the
     compiler fuses the ops itself), the result is a new tensor and `out` is left alone.
     """
-    recorded = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
-    if recorded or torch.compiler.is_compiling():
+    if not in_place_ok(x, scale, shift):
         y = torch.addcmul(shift, x, scale)
         return (F.silu(y) if silu else y).to(x.dtype)
     out = torch.empty_like(x) if out is None else out
@@ -120,7 +126,7 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: b
     return out
 
 
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, inplace: bool = False) -> torch.Tensor:
+def exact_group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, inplace: bool = False) -> torch.Tensor:
     """GroupNorm (then SiLU if asked) of a whole map; `inplace` overwrites `x` unless autograd is recording.
 
     Half-precision maps on GPUs or under autograd take PyTorch's kernel (then SiLU, rounding twice): one fused

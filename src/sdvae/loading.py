@@ -344,7 +344,7 @@ def _load(cls: type[M], source: str | Path, config: VaeConfig | dict | str | Pat
     module.load_report = report
     log.info("%s from %s (%s): %s", cls.__name__, ckpt.path, ckpt.config_origin, report.summary())
     module = module.to(device or "cpu").eval().requires_grad_(False)
-    return module.compile() if compile else module
+    return module.compile_network() if compile else module
 
 
 def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
@@ -355,7 +355,7 @@ def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | 
     The config comes from `config`, else the `family` preset (sd15, sd2, sdxl, sd3, flux, playground, cogview),
     else the diffusers config.json beside the weights, else the weights themselves (warning where the family, and
     so the scaling factor, is ambiguous). `dtype` (a torch.dtype or its name) defaults to float32. `.load_report`
-    says what was dropped. `compile=True` runs the network through torch.compile (`VaeModule.compile`).
+    says what was dropped. `compile=True` runs the network through torch.compile (`VaeModule.compile_network`).
     """
     return _load(VaeEncoder, source, config, family, device, dtype, strict, compile)
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import winograd
+from . import fast, winograd
 from .config import VaeConfig
+from .layers import Runner
 from .weights import DropReport, convert_state_dict
 
 
@@ -40,19 +41,21 @@ class VaeModule(nn.Module):
     config: VaeConfig
     _compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def _network(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole-image network, on checked input (the encoder's or the decoder's)."""
+    def _network(self, x: torch.Tensor, run: Runner) -> torch.Tensor:
+        """The whole-image network on checked input (the encoder's or the decoder's), each layer run by `run`."""
         raise NotImplementedError
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on the fast path, or the plain one inside `sdvae.fast_path(False)`."""
         with winograd.scope():
-            return self._network(x) if self._compiled is None else self._compiled(x)
+            return (self._network if self._compiled is None else self._compiled)(x, fast.runner())
 
-    def compile(self, **options: Any) -> VaeModule:
+    def compile_network(self, **options: Any) -> VaeModule:
         """Run the network through `torch.compile(**options)` from now on; returns the module.
 
         Compiled, it runs on whole maps (no row bands): the compiler fuses the GroupNorms, SiLUs and residual adds
-        itself, for GPUs above all. Input checks, tiling and the float16 guard stay eager around it.
+        itself, for GPUs above all. Input checks, tiling and the float16 guard stay eager around it (unlike
+        `nn.Module.compile`, which would trace them too).
         """
         self._compiled = torch.compile(self._network, **options)
         return self

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import winograd
+from . import fast, winograd
 from .activations import FileActivation, RamActivation
 from .groupnorm import Stats, affine, group_stats, merge_stats, normalize, recording
-from .layers import Attention
+from .layers import Attention, Downsample, Encoder, OutputHead, ResnetBlock
 
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
@@ -60,26 +60,27 @@ class Node:
     attention: Attention | None = None
 
 
-def encoder_nodes(encoder: nn.Module) -> list[Node]:
-    """The encoder (`sdvae.encoder.Encoder`) as a list of nodes, each reading the previous one's output."""
-    nodes = [Node(0, 0, encoder.conv_in)]
-
-    def resnet(block: nn.Module, stage: int, level: int) -> None:
-        nodes.append(Node(stage, level, block.conv1, norm=block.norm1))
-        nodes.append(Node(stage, level, block.conv2, norm=block.norm2, skip=len(nodes) - 1,
-                          shortcut=block.conv_shortcut))
-
-    for level, down in enumerate(encoder.down_blocks):
-        for block in down.resnets:
-            resnet(block, level, level)
-        for sampler in down.downsamplers:
-            nodes.append(Node(level, level + 1, sampler.conv, pads=(0, 1, 0, 1)))
-    mid, stage, level = encoder.mid_block, len(encoder.down_blocks), len(encoder.down_blocks) - 1
-    resnet(mid.resnets[0], stage, level)
-    for attention in mid.attentions:
-        nodes.append(Node(stage, level, norm=attention.group_norm, attention=attention))
-    resnet(mid.resnets[1], stage, level)
-    nodes.append(Node(stage, level, encoder.conv_out, norm=encoder.conv_norm_out))
+def encoder_nodes(encoder: Encoder) -> list[Node]:
+    """The encoder's stages (`Encoder.stages`) as a list of nodes, each reading the previous one's output."""
+    nodes: list[Node] = []
+    level = 0
+    for stage, layers in enumerate(encoder.stages):
+        for layer in layers:
+            if isinstance(layer, ResnetBlock):
+                nodes.append(Node(stage, level, layer.conv1, norm=layer.norm1))
+                nodes.append(Node(stage, level, layer.conv2, norm=layer.norm2, skip=len(nodes) - 1,
+                                  shortcut=layer.conv_shortcut))
+            elif isinstance(layer, Downsample):
+                level += 1
+                nodes.append(Node(stage, level, layer.conv, pads=(0, 1, 0, 1)))
+            elif isinstance(layer, Attention):
+                nodes.append(Node(stage, level, norm=layer.group_norm, attention=layer))
+            elif isinstance(layer, OutputHead):
+                nodes.append(Node(stage, level, layer.conv, norm=layer.norm))
+            elif isinstance(layer, nn.Conv2d):
+                nodes.append(Node(stage, level, layer))
+            else:
+                raise TypeError(f"the tiled encoder has no node for {type(layer).__name__}")
     return nodes
 
 
@@ -275,7 +276,8 @@ def _conv(conv: nn.Conv2d, piece: torch.Tensor) -> torch.Tensor:
     """`conv` over `piece`, which holds the zero border: through Winograd's F(4x4, 3x3) on tiles where it gains
     (`sdvae.winograd`, in the pass's workspace), else oneDNN's conv."""
     b, _, h, w = piece.shape
-    if not winograd.suits(conv, b * (h - 2) * (w - 2), piece.dtype, piece.device):  # one kernel transform per tile
+    pixels = b * (h - 2) * (w - 2)  # all that one transform of the kernel serves
+    if not (fast.enabled() and winograd.suits(conv, pixels, piece.dtype, piece.device)):
         return F.conv2d(piece, conv.weight, conv.bias, stride=conv.stride)
     y = torch.empty(b, conv.out_channels, h - 2, w - 2, dtype=piece.dtype, device=piece.device,
                     memory_format=torch.channels_last)
