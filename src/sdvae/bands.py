@@ -12,6 +12,7 @@ Winograd's F(4x4, 3x3) (`sdvae.winograd`), the rest through oneDNN. The GroupNor
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -19,15 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import winograd
-from .groupnorm import Stats, group_stats, merge_stats, norm_silu_rows
+from .groupnorm import Stats, group_stats, merge_all, norm_silu_rows
+from .util import spans
 
 BAND_PIXELS = 16384  # output pixels per band: large enough for full-speed convs, small enough for the cache
 
 
 def band_spans(height: int, width: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges of about BAND_PIXELS pixels each."""
-    rows = max(1, BAND_PIXELS // width)
-    return [(start, min(start + rows, height)) for start in range(0, height, rows)]
+    return spans(height, max(1, BAND_PIXELS // width))
 
 
 @functools.cache
@@ -67,20 +68,18 @@ def conv3x3_runners(convs: Iterable[nn.Conv2d], x: torch.Tensor) -> list[Callabl
             else (lambda band, out, add, conv=conv: conv_into(conv, band, out, add)) for conv in convs]
 
 
-def band_stats(bands: Iterable[tuple[int, torch.Tensor]], batch: int, groups: int) -> Stats:
-    """Whole-map GroupNorm statistics from (sample, band of rows) pairs, merged exactly per sample."""
-    per_sample: list[Stats | None] = [None] * batch
-    for i, band in bands:
-        stats = group_stats(band, groups)
-        per_sample[i] = stats if per_sample[i] is None else merge_stats(per_sample[i], stats)
+def band_stats(bands: Iterable[tuple[int, torch.Tensor]], groups: int) -> Stats:
+    """Whole-map GroupNorm statistics from (sample, band of rows) pairs, sample by sample in order."""
+    by_sample = itertools.groupby(bands, key=lambda pair: pair[0])
+    per_sample = [merge_all(group_stats(band, groups) for _, band in pairs) for _, pairs in by_sample]
     return tuple(torch.cat(parts) for parts in zip(*per_sample))
 
 
 def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`block(x)` for a `ResnetBlock` in inference; the result overwrites `x` when the block keeps the width."""
     b, c, h, w = x.shape
-    spans = [(i, r0, r1) for i in range(b) for r0, r1 in band_spans(h, w)]
-    rows = spans[0][2] - spans[0][1]
+    sample_bands = [(i, r0, r1) for i in range(b) for r0, r1 in band_spans(h, w)]
+    rows = sample_bands[0][2] - sample_bands[0][1]
     new = dict(dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     scratch = torch.empty((rows + 2) * w * max(c, block.conv2.in_channels), dtype=x.dtype, device=x.device)
     run1, run2 = conv3x3_runners((block.conv1, block.conv2), x)
@@ -97,16 +96,16 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         run(band, out[i:i + 1, :, r0:r1], add)
 
     def conv1_bands(norm1: Callable) -> Iterator[tuple[int, torch.Tensor]]:
-        for i, r0, r1 in spans:
+        for i, r0, r1 in sample_bands:
             norm_conv(run1, x, norm1, mid, i, r0, r1, add=False)
             yield i, mid[i:i + 1, :, r0:r1]  # its statistics are taken while it is in cache
 
-    x_bands = ((i, x[i:i + 1, :, r0:r1]) for i, r0, r1 in spans)
-    norm1 = norm_silu_rows(block.norm1, band_stats(x_bands, b, block.norm1.num_groups), x.dtype)
+    x_bands = ((i, x[i:i + 1, :, r0:r1]) for i, r0, r1 in sample_bands)
+    norm1 = norm_silu_rows(block.norm1, band_stats(x_bands, block.norm1.num_groups), x.dtype)
     mid = torch.empty(b, block.conv1.out_channels, h, w, **new)
-    norm2 = norm_silu_rows(block.norm2, band_stats(conv1_bands(norm1), b, block.norm2.num_groups), x.dtype)
+    norm2 = norm_silu_rows(block.norm2, band_stats(conv1_bands(norm1), block.norm2.num_groups), x.dtype)
     out = x if block.conv_shortcut is None else torch.empty(b, block.conv2.out_channels, h, w, **new)
-    for i, r0, r1 in spans:
+    for i, r0, r1 in sample_bands:
         if block.conv_shortcut is not None:
             conv_into(block.conv_shortcut, x[i:i + 1, :, r0:r1], out[i:i + 1, :, r0:r1], add=False)
         norm_conv(run2, mid, norm2, out, i, r0, r1, add=True)
@@ -120,12 +119,12 @@ def downsample(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     ho, wo = h // 2, w // 2
     out = torch.empty(b, conv.out_channels, ho, wo, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    spans = band_spans(ho, w)  # each reads about 2 x BAND_PIXELS input pixels
-    rows = 2 * (spans[0][1] - spans[0][0]) + 1
+    out_bands = band_spans(ho, w)  # each reads about 2 x BAND_PIXELS input pixels
+    rows = 2 * (out_bands[0][1] - out_bands[0][0]) + 1
     scratch = x.new_empty(1, c, rows, w + 1).contiguous(memory_format=torch.channels_last)
     scratch[:, :, :, w:].zero_()
     for i in range(b):
-        for o0, o1 in spans:
+        for o0, o1 in out_bands:
             r0, r1 = 2 * o0, min(2 * o1 + 1, h)  # input rows read; row h (when 2 * o1 + 1 > h) is the zero pad
             band = scratch[:, :, :2 * (o1 - o0) + 1]
             band[:, :, :r1 - r0, :w] = x[i:i + 1, :, r0:r1]

@@ -1,13 +1,14 @@
 """GroupNorm from exact statistics: per-group (count, mean, M2) that merge across tiles, then a per-channel affine.
 
 Used by the whole-image path and the tiled one alike. It replaces `F.group_norm`, whose channels-last float32
-CPU kernel loses precision on large maps (relative error ~1e-4 on a 128x1024x1024 map with mean 5, std 3,
-against ~1e-7 for the contiguous kernel): the statistics here are two-pass per channel, merged in float64.
+CPU kernel loses precision on large maps with an offset (`bench/README.md`): the statistics here are two-pass per
+channel, merged in float64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float32/float64 maps: two passes, the mean, then the squared deviations from it over cache-sized chunks.
     float16/bfloat16 maps: PyTorch's batch-norm statistics (one read, float32 accumulation, float32 results),
     per sample: several times faster than converting the map to float32 first, and precise far beyond the map's
-    own resolution (relative 5e-5 on the variance of a map with mean 5, std 3).
+    own resolution.
     """
     b, c, h, w = x.shape
     if x.dtype in HALF:
@@ -72,6 +73,11 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     n = na + nb
     delta = mb - ma
     return n, ma + delta * nb / n, m2a + m2b + delta.square() * na * nb / n
+
+
+def merge_all(parts: Iterable[Stats]) -> Stats:
+    """The statistics of a map from those of its parts (bands, tiles: of the same samples each), merged exactly."""
+    return functools.reduce(merge_stats, parts)
 
 
 def affine(norm: nn.GroupNorm, stats: Stats, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +108,7 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: b
 
     A half-precision `x` with float32 `scale` and `shift` (as `affine` gives them) is computed in float32, a chunk
     of rows at a time (each chunk stays in cache), and rounded once into `out`: rounding the normalized value, then
-    its SiLU, made the bfloat16 encoder's error against float32 1.14x larger (SD 1.5, 128 px, `bench/README.md`).
+    its SiLU, makes the bfloat16 encoder's error against float32 larger (`bench/README.md`).
     Under autograd, and while torch.compile traces (where `out=` on a channels-last map breaks the graph, and the
     compiler fuses the ops itself), the result is a new tensor and `out` is left alone.
     """

@@ -11,7 +11,7 @@ Per stage (a down block, or the mid block with the output conv) the plan either 
 or in files, or recomputes: it keeps only what must be whole (the stage's last output, the attention's input),
 and every pass recomputes the stage's prefix tile by tile from there: more compute, a fraction of the memory.
 The attention runs over blocks of rows (queries) and of tokens (keys) with an online softmax, so no N x N
-matrix is held. `sdvae.planning` chooses a plan from a memory budget. Background: ../shared/TILING.md.
+matrix is held. `sdvae.planning` chooses a plan from a memory budget.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from torch import nn
 
 from . import fast, winograd
 from .activations import FileActivation, RamActivation
-from .groupnorm import Stats, affine, group_stats, merge_stats, normalize, recording
+from .groupnorm import Stats, affine, group_stats, merge_all, normalize, recording
 from .layers import Attention, Downsample, Encoder, OutputHead, ResnetBlock
+from .util import spans
 
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
@@ -167,11 +168,6 @@ def schedule(nodes: list[Node], stores: tuple[str, ...]) -> list[Pass]:
     return passes
 
 
-def spans(length: int, size: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of at most `size` covering `length`."""
-    return [(start, min(start + size, length)) for start in range(0, length, size)]
-
-
 def tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     """The encoder's raw parameters `[B, 2L, H/8, W/8]`, computed by tiles as `plan` says.
 
@@ -223,16 +219,15 @@ def _sweep(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation], stats
     dtype = maps[-1].dtype
     prologues = {k: affine(nodes[k].norm, stats[k - 1], dtype) for k in p.computed if nodes[k].norm is not None}
     _, _, h, w = shapes[p.target]
-    total = None
+    parts = []
     for r0, r1 in spans(h, tile):
         for c0, c1 in spans(w, tile):
             y = _tile(nodes, shapes, maps, prologues, p.computed, (r0, r1, c0, c1))
             if p.stats:
-                tile_stats = group_stats(y, nodes[p.target + 1].norm.num_groups)
-                total = tile_stats if total is None else merge_stats(total, tile_stats)
+                parts.append(group_stats(y, nodes[p.target + 1].norm.num_groups))
             if out is not None:
                 out.write(slice(r0, r1), slice(c0, c1), y)
-    return total
+    return merge_all(parts) if p.stats else None
 
 
 def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
@@ -299,11 +294,7 @@ def _padded_buffer(piece: torch.Tensor, border: tuple[int, int, int, int]) -> tu
 
 def whole_map_stats(x: Activation, groups: int, tile: int) -> Stats:
     """Per-sample, per-group statistics of the whole map `x`, accumulated over bands of `tile` rows."""
-    total = None
-    for r0, r1 in spans(x.shape[2], tile):
-        stats = group_stats(x.read(slice(r0, r1), slice(None)), groups)
-        total = stats if total is None else merge_stats(total, stats)
-    return total
+    return merge_all(group_stats(x.read(slice(r0, r1), slice(None)), groups) for r0, r1 in spans(x.shape[2], tile))
 
 
 def tiled_attention(attention: Attention, x: Activation, stats: Stats, block: int = ATTENTION_BLOCK) -> None:

@@ -5,11 +5,10 @@ channels, the 36 elementwise products become 36 matrix products `[tiles, C_in] @
 the multiplications drop from 9 to 2.25 per output value. The transforms are small matrices applied along the rows of
 each row of tiles (a batched GEMM with 6 terms: one read and one write of each value), and along the columns (one
 elementwise pass per nonzero entry: there a GEMM would be one tiny product per tile). The matrices come from the
-Cook-Toom construction at the points 0, -1, 1, 1/2, -2 and infinity: of the sets tried, the most accurate in float32
-(against float64, 1.5e-6 relative for a 256-channel conv, 2.3e-6 at 0, +-1, +-2, 8.6e-7 for oneDNN's direct conv; 4e-6
-for the whole encoder, within float32 parity; `bench/README.md`). B^T and A^T hold dyadic fractions, exact in float32.
-Per conv this takes 0.4-0.5x oneDNN's direct time at 256 and 512 channels, 0.8x at 128. A band goes through in pieces of
-a few rows, so the transformed tiles are still in cache when the GEMM reads them.
+Cook-Toom construction at the points 0, -1, 1, 1/2, -2 and infinity: of the point sets tried, the most accurate in
+float32 (within float32 parity for the whole encoder; the errors and times per conv are in `bench/README.md`). B^T and
+A^T hold dyadic fractions, exact in float32. A band goes through in pieces of a few rows, so the transformed tiles are
+still in cache when the GEMM reads them.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ _BIAS_TERM = 2 * 6 + 2  # A^T's column 2 (the point 1) is all ones: product (2, 
 WORKSPACE_BYTES = 32 << 20  # the transformed tiles and products of one piece of a band
 MIN_CHANNELS = 128 * 128  # C_in x C_out below which the GEMMs are too small to gain
 MIN_WORK = 1 << 28  # output pixels x C_in x C_out that one transform of the kernel must serve to repay it: twice the
-# break-even measured (AVX2), 64^2 pixels at 128 channels, 24^2 at 512
+# break-even measured (bench/winograd.py)
 
 
 def suits(conv: nn.Conv2d, pixels: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -218,16 +217,11 @@ def _tile_rows(matrix: torch.Tensor, src: torch.Tensor, out: torch.Tensor, add: 
         torch.bmm(batch, src, out=out)
 
 
-def _apply(matrix: Sequence[Sequence[float]], src: Sequence[torch.Tensor], out: torch.Tensor,
-           add: bool = False) -> None:
-    """`out[k] = sum_l matrix[k][l] src[l]` (`out[k] +=` with `add`), zero entries skipped: one elementwise pass
-    per term. Each row of the transforms holds a 1, with which its sum starts."""
+def _apply(matrix: Sequence[Sequence[float]], src: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """`out[k] = sum_l matrix[k][l] src[l]`, zero entries skipped: one elementwise pass per term. Each row of the
+    transforms holds a 1, with which its sum starts."""
     for row, target in zip(matrix, out):
         terms = [(c, s) for c, s in zip(row, src) if c]
-        if add:
-            for c, s in terms:
-                target.add_(s, alpha=c)
-            continue
         _, first = terms.pop(next(i for i, (c, _) in enumerate(terms) if c == 1))
         c, s = terms.pop(0)
         torch.add(first, s, alpha=c, out=target)
