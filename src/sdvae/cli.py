@@ -171,13 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(error: BaseException) -> str:
+    """An error as one line that starts with what it is about: an OSError's file first, where Python puts it
+    last (`[Errno 28] No space left on device: 'x'`), or not at all."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args)
     except (ValueError, OSError, ImportError, ConnectionError) as e:
-        print(f"sdvae: error: {e}", file=sys.stderr)
+        print(f"sdvae: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = " (complete shards are kept: the same command with --resume goes on)" if args.command == "encode" else ""

@@ -1,0 +1,65 @@
+"""Every failure is an error a user can act on: exit 2 with a message naming the file, column or device at fault
+(no traceback), or the input's record in errors.jsonl (exit 1); nothing left behind that a rerun trips on."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdvae.cli import main
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Eight good images."""
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(8):
+        pixels = np.random.default_rng(i).integers(0, 256, (60 + 5 * i, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+    return root
+
+
+def encode(*args) -> int:
+    return main(["encode", *map(str, args), "--workers", "0", "--resolution", "64"])
+
+
+def run(photos, model, out, *flags) -> int:
+    return encode(photos, "--model", model, "--output", out, "--shard-size", "2", *flags)
+
+
+def test_a_full_disk_stops_the_run_naming_the_file_and_resume_goes_on(photos, model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    temporary = out / "shards" / f".00001.safetensors.{socket.gethostname()}.{os.getpid()}.tmp"
+    fsync = os.fsync
+
+    def disk_full_at_the_second_shard(fd: int) -> None:
+        if temporary.exists() and os.path.samestat(os.fstat(fd), temporary.stat()):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", disk_full_at_the_second_shard)
+        assert run(photos, model, out) == 2
+    err = capsys.readouterr().err
+    assert f"sdvae: error: {out}/shards/00001.safetensors: cannot write it: No space left on device" in err
+    assert (out / "metadata" / "00000.parquet").exists() and not list(out.rglob(".*.tmp"))
+    assert run(photos, model, out, "--resume") == 0
+    assert "encoded 6, failed 0, already stored 2" in capsys.readouterr().out
+
+
+def test_temporaries_left_by_a_killed_write_are_removed_by_the_next_run(photos, model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".manifest.json.otherhost.41.tmp").write_text("half a manifest: the first run was killed writing it")
+    assert run(photos, model, out) == 0
+    left = [".manifest.json.h.7.tmp", ".errors.jsonl.h.7.tmp", "shards/.00001.safetensors.h.7.tmp",
+            "metadata/.00002.parquet.h.7.tmp", "errors/.00003.jsonl.h.7.tmp"]
+    for name in left:
+        (out / name).write_bytes(b"cut short")
+    assert run(photos, model, out, "--resume") == 0
+    assert not list(out.rglob(".*.tmp"))
