@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,3 +65,16 @@ def test_temporaries_left_by_a_killed_write_are_removed_by_the_next_run(photos, 
         (out / name).write_bytes(b"cut short")
     assert run(photos, model, out, "--resume") == 0
     assert not list(out.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_output_into_a_closed_pipe_ends_quietly(model, buffered):
+    """`sdvae info X | head -1`: the reader goes away; no traceback, no "Exception ignored", the status of a
+    process that SIGPIPE ends (141), whether stdout is buffered or not."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "" if buffered else "1"}
+    read, write = os.pipe()
+    os.close(read)  # the reader left before anything was written
+    result = subprocess.run([sys.executable, "-m", "sdvae", "info", str(model)], stdout=write,
+                            stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    os.close(write)
+    assert result.returncode == 141 and result.stderr.strip() == "", result.stderr

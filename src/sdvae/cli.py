@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -179,11 +181,22 @@ def _message(error: BaseException) -> str:
     return str(error)
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush into a closed pipe says nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # (a closed pipe fails here, not at exit)
+        return status
+    except BrokenPipeError:  # `sdvae info X | head -1`: the reader has what it wanted
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except (ValueError, OSError, ImportError, ConnectionError) as e:
         print(f"sdvae: error: {_message(e)}", file=sys.stderr)
         return 2
