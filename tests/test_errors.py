@@ -78,3 +78,9 @@ def test_output_into_a_closed_pipe_ends_quietly(model, buffered):
                             stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     os.close(write)
     assert result.returncode == 141 and result.stderr.strip() == "", result.stderr
+
+
+def test_a_device_that_holds_no_data_is_refused_before_a_ray_cluster_is_joined(photos, model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert encode(photos, "--model", model, "--output", out, "--engine", "ray", "--device", "meta") == 2
+    assert "--device meta: a meta device holds no data" in capsys.readouterr().err and not out.exists()

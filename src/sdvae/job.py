@@ -286,18 +286,30 @@ def prepare_shard(items: list[Item], settings: Settings, base: str | None = None
     return out
 
 
-def check_device(name: str | None) -> None:
-    """Refuse a device this machine lacks before anything is written (torch would fail at the first batch)."""
+def check_device(name: str | None, here: bool = True) -> None:
+    """Refuse a device that cannot encode before anything is written (torch would fail at the first batch): a name
+    torch does not know, `meta` (its tensors hold no data), and where the model runs `here`, a device this machine
+    lacks or cannot make a tensor on."""
     if name is None:
         return
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: a meta device holds no data (its tensors have shapes only), so it "
+                         "cannot encode; use cpu or cuda")
+    if not here:
+        return
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU here (torch {torch.__version__})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    try:
+        torch.ones(1, device=device).cpu()
+    except Exception as e:  # each backend fails its own way (NotImplementedError, RuntimeError, ImportError, ...)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # (torch's first sentence)
+        raise ValueError(f"--device {name}: torch cannot make a tensor there on this machine ({reason})") from None
 
 
 class ShardEncoder:
@@ -406,12 +418,11 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     check_counts(shard_size=shard_size)
+    check_device(runtime.device, here=engine == "local")  # (a Ray cluster's devices are its nodes', not ours)
     if engine == "ray":
         from .ray_engine import connect, run_ray
 
         pool = connect(ray_address, ray_actors, ray_actor_cpus, runtime.device)  # setup errors before any write
-    else:
-        check_device(runtime.device)  # (a Ray cluster's devices are its nodes', not this machine's)
     store = open_store(output)
     _refuse_foreign(store)  # before the lock creates anything there
     with store.writer_lock():
