@@ -10,10 +10,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from sdvae.cli import main
+from sdvae.sources import _parquet_cells
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +87,25 @@ def test_a_device_that_holds_no_data_is_refused_before_a_ray_cluster_is_joined(p
     out = tmp_path / "out"
     assert encode(photos, "--model", model, "--output", out, "--engine", "ray", "--device", "meta") == 2
     assert "--device meta: a meta device holds no data" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("cells,kind", [([1, 2], "int64"), (["photo.png", "hello"], "string"),
+                                        ([[1, 2], [3]], "list<element: int64>"),
+                                        ([{"bytes": "x", "path": "p"}] * 2, "struct<bytes: string")])
+def test_an_image_column_that_holds_no_image_bytes_stops_the_run_naming_file_column_and_type(
+        model, tmp_path, capsys, cells, kind):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": cells}), path)
+    out = tmp_path / "out"
+    assert encode(path, "--model", model, "--output", out, "--image-column", "image") == 2
+    assert f"{path}: column 'image' holds {kind}" in capsys.readouterr().err and not out.exists()
+    assert encode(path, "--model", model, "--output", out) == 2
+    assert "cannot tell which column holds the images" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_cell_that_is_not_bytes_is_that_rows_error_never_taken_for_one(tmp_path):
+    """A string cell's value must not be reported as if it were the reason the row failed."""
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": ["photo.png", None]}), path)
+    assert _parquet_cells(str(path), "image", [0, 1]) == {r: f"row {r}: no image bytes in column 'image'"
+                                                          for r in (0, 1)}

@@ -178,13 +178,16 @@ def _damage_after(path: Path, offset: int) -> str | None:
 
 
 def _holds_bytes(schema) -> Callable[[str], bool]:
-    """Whether a column of `schema` holds encoded images: binary, or a struct with a `bytes` field."""
+    """Whether a column of `schema` holds encoded images: binary, or a struct with a binary `bytes` field."""
     import pyarrow as pa
+
+    def binary(kind) -> bool:
+        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
     def holds(name: str) -> bool:
         kind = schema.field(name).type
-        return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-                or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+        return binary(kind) or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 and binary(
+            kind.field("bytes").type)
 
     return holds
 
@@ -197,12 +200,16 @@ def parquet_columns(schema, path: Path, image_column: str | None,
     for wanted, what in ((image_column, "image"), (caption_column, "caption")):
         if wanted is not None and wanted not in names:
             raise ValueError(f"{path}: no {what} column {wanted!r}; its columns are {', '.join(names)}")
+    if image_column is not None and not holds_bytes(image_column):
+        raise ValueError(f"{path}: column {image_column!r} holds {schema.field(image_column).type}, not encoded "
+                         "images (binary, or the Hugging Face {bytes, path} struct)")
     image = image_column or next((n for n in IMAGE_COLUMNS if n in names and holds_bytes(n)), None)
     if image is None:
         binary = [n for n in names if holds_bytes(n)]
         if len(binary) != 1:
-            raise ValueError(f"{path}: cannot tell which column holds the images (columns: {', '.join(names)}); "
-                             "name it with --image-column")
+            columns = ", ".join(f"{n} ({schema.field(n).type})" for n in names)
+            raise ValueError(f"{path}: cannot tell which column holds the images, binary or the Hugging Face "
+                             f"{{bytes, path}} struct (columns: {columns}); name it with --image-column")
         image = binary[0]
     caption = caption_column or next((n for n in CAPTION_COLUMNS if n in names), None)
     return image, caption
@@ -373,6 +380,7 @@ def _parquet_cells(path: str, column: str, rows: list[int]) -> dict[int, bytes |
                 for r in inside:
                     cell = values[r - start]
                     cell = cell.get("bytes") if isinstance(cell, dict) else cell
-                    cells[r] = cell or f"row {r}: no image bytes in column {column!r}"
+                    empty = not isinstance(cell, bytes) or not cell  # (anything else, a str, reads as an error)
+                    cells[r] = f"row {r}: no image bytes in column {column!r}" if empty else cell
         start = stop
     return cells
