@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import subprocess
@@ -109,3 +110,43 @@ def test_a_cell_that_is_not_bytes_is_that_rows_error_never_taken_for_one(tmp_pat
     pq.write_table(pa.table({"image": ["photo.png", None]}), path)
     assert _parquet_cells(str(path), "image", [0, 1]) == {r: f"row {r}: no image bytes in column 'image'"
                                                           for r in (0, 1)}
+
+
+@pytest.mark.parametrize("content,says", [
+    (bytes(range(256)) * 2, "not a text file listing paths (it holds NUL bytes"),
+    (b"0.png\n1.png\ncaf\xe9.png\n", "not a text file listing paths: line 3 is not UTF-8 (byte 0xe9)"),
+])
+def test_a_list_file_that_is_not_text_is_named(model, tmp_path, capsys, content, says):
+    listing = tmp_path / "paths.txt"
+    listing.write_bytes(content)
+    assert encode(listing, "--model", model, "--output", tmp_path / "out") == 2
+    assert f"sdvae: error: {listing}: {says}" in capsys.readouterr().err
+
+
+def test_a_list_file_with_a_byte_order_mark_reads_its_first_path(photos, tmp_path):
+    from sdvae.sources import list_inputs
+
+    listing = tmp_path / "paths.txt"
+    listing.write_bytes(f"\ufeff{photos / '0.png'}\n".encode())
+    assert [item.error for item in list_inputs([str(listing)])] == [None]
+
+
+def test_symbolic_link_loops_and_links_to_nothing_say_so(photos, model, tmp_path, capsys):
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    (tmp_path / "gone.png").symlink_to("deleted.png")
+    for name, says in (("a.png", "a symbolic link loop"), ("gone.png", "a symbolic link to deleted.png, which does "
+                                                                       "not exist")):
+        assert encode(tmp_path / name, "--model", model, "--output", tmp_path / "out") == 2
+        assert f"{tmp_path / name}: {says}" in capsys.readouterr().err
+        assert main(["info", str(tmp_path / name)]) == 2
+        assert f"{tmp_path / name}: {says}" in capsys.readouterr().err
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "0.png").symlink_to(photos / "0.png")
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "gone.png").symlink_to("deleted.png")
+    out = tmp_path / "out"
+    assert encode(folder, "--model", model, "--output", out) == 1  # recorded, not silently passed over
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["key"], "symbolic links" in e["error"]) for e in errors] == [("gone.png", False), ("loop.png", True)]

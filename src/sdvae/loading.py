@@ -20,6 +20,7 @@ from .decoder import VaeDecoder
 from .encoder import VaeEncoder
 from .keys import KeyMap, map_keys
 from .module import VaeModule
+from .sources import why_missing
 
 log = logging.getLogger("sdvae")
 
@@ -208,7 +209,7 @@ def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
         if isinstance(source, str) and _repo_id(source):
             path = _from_hub(source)
         else:
-            raise FileNotFoundError(f"{source}: no such file or folder")
+            raise FileNotFoundError(f"{source}: {why_missing(path)}")
     if path.is_dir():
         return _resolve_folder(path)
     return path, _diffusers_config(path)

@@ -8,6 +8,7 @@ member header for a tar member, the file's size and mtime for a Parquet row), so
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -109,6 +110,34 @@ def expand_braces(spec: str) -> list[str]:
     else:
         return [spec]
     return [out for option in options for out in expand_braces(head + option + tail)]
+
+
+def why_missing(path: Path) -> str:
+    """Why a path that `Path.exists` finds missing cannot be read: a symbolic link loop, a link to nothing, or no
+    such file or folder."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (too many levels of symbolic links)"
+    if path.is_symlink():
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return "no such file or folder"
+
+
+def _list_file(path: Path) -> list[str]:
+    """The paths a text file lists, one a line (blank lines and `#` comments skipped); ValueError naming the file
+    where it is not UTF-8 text (a binary file given as a list, say)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{path}: not a text file listing paths (it holds NUL bytes: binary, or UTF-16 text?)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not a text file listing paths: line {line} is not UTF-8 (byte "
+                         f"0x{data[e.start]:02x}); a list holds one path a line, in UTF-8") from None
+    return [entry for line in text.splitlines() if (entry := line.strip()) and not entry.startswith("#")]
 
 
 def _caption_beside(path: Path) -> str | None:
@@ -282,19 +311,18 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
     for spec in itertools.chain.from_iterable(map(expand_braces, inputs)):
         path = Path(spec)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file())
+            # (a link to nothing or a link loop is taken too: it fails as an input, recorded, never passed over)
+            found = sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink() and not p.exists())
             taken = [p for p in found if p.suffix.lower() in FOLDER_SUFFIXES]
             files += [(p.relative_to(path).as_posix(), p, True) for p in taken]
             _log_passed_over(path, [p for p in found if p.suffix.lower() not in FOLDER_SUFFIXES])
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            for line in path.read_text().splitlines():
-                entry = line.strip()
-                if entry and not entry.startswith("#"):
-                    files.append((entry, Path(entry) if Path(entry).is_absolute() else path.parent / entry, False))
+            files += [(entry, Path(entry) if Path(entry).is_absolute() else path.parent / entry, False)
+                      for entry in _list_file(path)]
         elif path.exists():
             files.append((spec, path, False))
         else:
-            raise FileNotFoundError(f"{spec}: no such file or folder")
+            raise FileNotFoundError(f"{spec}: {why_missing(path)}")
     read = functools.partial(_from_path, image_column=image_column, caption_column=caption_column)
     containers = sum(p.suffix.lower() in (".tar", ".parquet") for _, p, _ in files)
     processes = min(32, os.cpu_count() or 1)
