@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -202,11 +203,21 @@ class NotATensor:
     pass
 
 
-def test_pickle_that_needs_more_than_weights_is_refused(tmp_path):
+class RunsACommand:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("payload,name", [(NotATensor(), "test_loading.NotATensor"), (RunsACommand(), "posix.system")])
+def test_pickle_that_needs_more_than_weights_is_refused_on_purpose(tmp_path, payload, name):
+    """Refused for safety, naming the file and what it would call: never "corrupt", never a hint to unpickle it
+    unsafely (torch's own message suggests weights_only=False)."""
     path = tmp_path / "evil.bin"
-    torch.save({"encoder.conv_in.weight": torch.ones(1), "payload": NotATensor()}, path)
-    with pytest.raises(ValueError, match=r"evil\.bin: refusing to unpickle.*Unsupported global.*NotATensor"):
+    torch.save({"encoder.conv_in.weight": torch.ones(1), "payload": payload}, path)
+    with pytest.raises(ValueError, match=rf"evil\.bin: refused on purpose, for safety: unpickling it would call "
+                                         rf"{re.escape(name)}.*Convert the checkpoint to \.safetensors") as refused:
         sdvae.load_encoder(path, config=SMALL)
+    assert "weights_only" not in str(refused.value) and "corrupt" not in str(refused.value)
 
 
 @pytest.mark.parametrize("content", [b"hello, not a checkpoint\n", bytes(range(256)) * 4,
@@ -214,8 +225,9 @@ def test_pickle_that_needs_more_than_weights_is_refused(tmp_path):
 def test_a_pickle_suffix_on_something_else_is_named_as_unreadable(tmp_path, content):
     path = tmp_path / "model.ckpt"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=r"model\.ckpt: cannot read this checkpoint \(not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"model\.ckpt: cannot read this checkpoint \(not a PyTorch checkpoint") as e:
         sdvae.load_encoder(path, config=SMALL)
+    assert "weights_only" not in str(e.value)
 
 
 def test_a_state_dict_with_a_non_tensor_value_names_its_key(small_state, tmp_path):

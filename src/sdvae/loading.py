@@ -93,10 +93,16 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please |\n\n|$)", str(e), re.DOTALL)
-        reason = (found[1] if found else str(e).strip().splitlines()[0]).strip()
-        if reason.startswith("Unsupported global"):
-            raise ValueError(f"{path}: refusing to unpickle: it holds more than tensors ({reason})") from e
+        message = str(e)
+        refused = re.search(r"GLOBAL (\S+)", message)  # torch's safe unpickler names what it will not load
+        if refused:
+            raise ValueError(f"{path}: refused on purpose, for safety: unpickling it would call {refused[1]}, "
+                             "and a pickle that calls code can run any code; sdvae unpickles tensors only. Convert "
+                             "the checkpoint to .safetensors where you trust it (or get a .safetensors release) and "
+                             "load that") from e
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please |\n\n|$)", message, re.DOTALL)
+        lines = [line for line in message.splitlines() if line.strip() and "weights_only" not in line]
+        reason = (found[1] if found else lines[0] if lines else "the safe unpickler cannot read it").strip()
         raise ValueError(f"{path}: cannot read this checkpoint (not a PyTorch checkpoint, truncated or corrupt?): "
                          f"{reason}") from e
     except Exception as e:  # the unpickler fails on junk bytes with many types (KeyError, EOFError, RuntimeError...)
