@@ -352,12 +352,40 @@ def test_incomplete_vae_file_names_file_and_tensor(small_state, tmp_path):
         sdvae.load_encoder(path)
 
 
-def test_unrelated_config_json_beside_a_file_is_ignored(full_refs, tmp_path):
+@pytest.mark.parametrize("config", [{"architectures": ["CLIPTextModel"], "hidden_size": 8}, [1, 2],
+                                    {"_class_name": "UNet2DConditionModel"}])
+def test_unrelated_config_json_beside_a_file_is_passed_over_with_a_warning_naming_it(full_refs, tmp_path, config):
     save_file({k: v.contiguous() for k, v in full_refs[4].state_dict().items()}, tmp_path / "vae.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": 8}))
-    with pytest.warns(UserWarning, match="family="):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning) as said:
         enc = sdvae.load_encoder(tmp_path / "vae.safetensors")
     assert enc.config.family == "sd15"
+    passed_over = f"{tmp_path / 'config.json'}: not a diffusers AutoencoderKL config"
+    assert any(str(w.message).startswith(passed_over) and "read from its weights" in str(w.message) for w in said)
+
+
+@pytest.mark.parametrize("config,says", [
+    ([1, 2], "a JSON list, not an object"),
+    ({"_class_name": "AutoencoderKL", "block_out_channel": [32, 32, 64]}, "config key 'block_out_channel'"),
+])
+def test_a_diffusers_folder_whose_config_is_not_an_autoencoderkl_config_is_refused_naming_it(
+        small_state, tmp_path, config, says):
+    save_file(small_state, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: not the diffusers "
+                                         rf"AutoencoderKL config of diffusion_pytorch_model\.safetensors: "
+                                         rf"{re.escape(says)}"):
+        sdvae.load_encoder(tmp_path)
+
+
+def test_a_diffusers_config_without_a_class_name_is_used(small_ref, small_state, tmp_path):
+    """diffusers loads a config.json that names no class; its settings (the GroupNorm groups, which the weights
+    cannot tell) must not be dropped for inferred ones."""
+    save_file(small_state, tmp_path / "diffusion_pytorch_model.safetensors")
+    config = {k: v for k, v in SMALL.to_diffusers().items() if not k.startswith("_")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    enc, _ = assert_matches(small_ref, tmp_path)
+    assert enc.config.norm_num_groups == 8
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
