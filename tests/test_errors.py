@@ -150,3 +150,14 @@ def test_symbolic_link_loops_and_links_to_nothing_say_so(photos, model, tmp_path
     assert encode(folder, "--model", model, "--output", out) == 1  # recorded, not silently passed over
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(e["key"], "symbolic links" in e["error"]) for e in errors] == [("gone.png", False), ("loop.png", True)]
+
+
+def test_a_process_that_read_a_latent_dataset_exits_cleanly(photos, model, tmp_path):
+    """pyarrow dropped its reader over Python bytes on one of its threads at interpreter exit, which aborted the
+    process ("terminate called without an active exception", exit 134) about every other run."""
+    out = tmp_path / "out"
+    assert encode(photos, "--model", model, "--output", out) == 0  # (one shard: its reader is dropped at exit)
+    code = f"from sdvae import LatentDataset; LatentDataset({str(out)!r})"
+    for _ in range(6):  # (one after another: a busy machine hides the race)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stderr) == (0, "")
