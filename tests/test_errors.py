@@ -161,3 +161,26 @@ def test_a_process_that_read_a_latent_dataset_exits_cleanly(photos, model, tmp_p
     for _ in range(6):  # (one after another: a busy machine hides the race)
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(photos, model, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert encode(photos, "--model", model, "--output", tmp_path / "afile" / "out") == 2
+    assert f"{tmp_path / 'afile' / 'out'}: cannot create the output folder: Not a directory" in capsys.readouterr().err
+
+
+def test_decode_refuses_an_out_name_no_image_format_writes_before_decoding(photos, model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert encode(photos / "0.png", "--model", model, "--output", out) == 0
+    for name in ("preview.xyz", "folder"):
+        assert main(["decode", str(out), "--out", str(tmp_path / name)]) == 2
+        assert f"{tmp_path / name}: not the name of an image file Pillow writes" in capsys.readouterr().err
+
+
+def test_a_folder_in_a_list_file_is_recorded_as_such(photos, model, tmp_path):
+    listing = tmp_path / "paths.txt"
+    listing.write_text(f"{photos / '0.png'}\n{photos}\n")
+    out = tmp_path / "out"
+    assert encode(listing, "--model", model, "--output", out) == 1
+    [error] = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert error["key"] == str(photos) and error["error"].startswith("a folder: a list names files")

@@ -66,11 +66,12 @@ def _decode(args: argparse.Namespace) -> int:
     import torch
 
     from .dataset import LatentDataset
-    from .images import tensor_to_image
+    from .images import save_format, tensor_to_image
     from .job import check_device
     from .loading import load_decoder
 
     check_device(args.device)
+    picture_format = save_format(args.out)
     dataset = LatentDataset(args.dir, mode=True)
     model = args.model or dataset.manifest["model"]["file"]
     if args.model is None and not Path(model).exists():
@@ -85,7 +86,7 @@ def _decode(args: argparse.Namespace) -> int:
             pictures.append(decoder.decode_with_scaling(dataset[index]["latent"][None].to(decoder.device))[0])
     height = max(p.shape[1] for p in pictures)
     grid = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, height - p.shape[1]), value=1.0) for p in pictures], 2)
-    tensor_to_image(grid).save(args.out)
+    tensor_to_image(grid).save(args.out, picture_format)
     print(f"decoded {len(pictures)} latent(s) of {args.dir} to {args.out}")
     return 0
 

@@ -276,10 +276,12 @@ def _parquet_items(name: str, path: Path, image_column: str | None, caption_colu
 def _from_path(file: tuple[str, Path, bool], image_column: str | None, caption_column: str | None) -> list[Item]:
     key, path, in_folder = file
     try:
-        regular = stat.S_ISREG(path.stat().st_mode)
+        mode = path.stat().st_mode
     except OSError:
-        regular = True  # (what fails to stat fails again below, with its reason)
-    if not regular:
+        mode = stat.S_IFREG  # (what fails to stat fails again below, with its reason)
+    if stat.S_ISDIR(mode):  # (listed in a list file: folders on the command line are walked)
+        return [Item(key, str(path), error="a folder: a list names files (give the folder itself as an INPUT)")]
+    if not stat.S_ISREG(mode):
         return [Item(key, str(path), error=NOT_REGULAR)]
     suffix = path.suffix.lower()
     if suffix == ".tar":

@@ -70,7 +70,7 @@ class LocalStore:
         """The file's bytes, or None when it does not exist."""
         try:
             return (self.root / name).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (the latter where a file stands in for a folder)
             return None
 
     def read_range(self, name: str, start: int, length: int) -> bytes:
@@ -115,7 +115,10 @@ class LocalStore:
         and the folder too where the lock made it and nothing else was written.
         """
         created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create the output folder: {e.strerror}", str(self.root)) from e
         path = self.root / LOCK
         fd = _lock(path)
         if fd is None:
