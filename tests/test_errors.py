@@ -184,3 +184,14 @@ def test_a_folder_in_a_list_file_is_recorded_as_such(photos, model, tmp_path):
     assert encode(listing, "--model", model, "--output", out) == 1
     [error] = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert error["key"] == str(photos) and error["error"].startswith("a folder: a list names files")
+
+
+@pytest.mark.parametrize("source", ["fifo", "/dev/zero"])
+def test_a_checkpoint_that_is_not_a_regular_file_is_refused_not_read_forever(tmp_path, source):
+    if source == "fifo":
+        source = str(tmp_path / "vae.safetensors")
+        os.mkfifo(source)
+    result = subprocess.run([sys.executable, "-m", "sdvae", "info", source], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert f"sdvae: error: {source}: not a regular file (a FIFO, device or socket)" in result.stderr

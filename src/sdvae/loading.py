@@ -226,7 +226,11 @@ def resolve_source(source: str | Path) -> Path:
             path = _from_hub(source)
         else:
             raise FileNotFoundError(f"{source}: {why_missing(path)}")
-    return _resolve_folder(path) if path.is_dir() else path
+    if path.is_dir():
+        return _resolve_folder(path)
+    if not path.is_file():  # (reading one would block, or never end)
+        raise ValueError(f"{source}: not a regular file (a FIFO, device or socket); a checkpoint is a file or a folder")
+    return path
 
 
 def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str, Any]:
