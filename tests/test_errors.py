@@ -6,9 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -195,3 +197,12 @@ def test_a_checkpoint_that_is_not_a_regular_file_is_refused_not_read_forever(tmp
                             timeout=60)
     assert result.returncode == 2
     assert f"sdvae: error: {source}: not a regular file (a FIFO, device or socket)" in result.stderr
+
+
+def test_the_readme_and_encode_help_give_the_same_exit_statuses(capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["encode", "--help"])
+    epilog = " ".join(capsys.readouterr().out.split("exit status:")[1].split())
+    assert re.findall(r"^\| (\d+) \| ", readme, re.M) == re.findall(r"(\d+) when", epilog) == \
+        ["0", "1", "2", "130", "141"]

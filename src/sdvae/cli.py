@@ -105,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser(
         "encode", help="turn images into a sharded latent dataset",
         description="Encode images into a sharded latent dataset (safetensors shards, Parquet metadata).",
-        epilog="exit status: 0 when every input was encoded, 1 when some failed, in this run or an earlier one "
-               "(listed in DIR/errors.jsonl), 2 when an error stopped the run (bad arguments, no images, an output "
-               "holding other things; complete shards are kept for --resume), 130 when interrupted.")
+        epilog="exit status: 0 when every input was encoded; 1 when some failed, in this run or an earlier one "
+               "(each a line of DIR/errors.jsonl saying why); 2 when an error stopped the run, named on stderr (bad "
+               "arguments or device, no images, an input that is not there, a list that is not text, a checkpoint "
+               "that cannot be loaded, a Parquet image column without image bytes, an output holding other things "
+               "or written by another run, a write that failed such as a full disk; complete shards are kept for "
+               "--resume); 130 when interrupted (the same); 141 when the output went into a pipe that closed early.")
     encode.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (recursive), text files of paths, WebDataset .tar shards, "
                              ".parquet files, or brace patterns like data/{00000..00099}.tar")
