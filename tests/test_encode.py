@@ -295,6 +295,8 @@ def test_decode_finds_the_model_from_any_folder_or_asks_for_it(model, images, tm
     (["--tile-size", "0"], "tile_size must be a whole number of at least 1, got 0"),
     (["--device", "gpu0"], "--device gpu0:"),
     (["--device", "cuda:7"], "--device cuda:7:"),
+    (["--device", "meta"], "--device meta: a meta device holds no data"),
+    (["--device", "xla"], "--device xla: torch cannot make a tensor there"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(model, images, tmp_path, capsys, flags, message):
     out = tmp_path / "out"

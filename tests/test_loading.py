@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -202,11 +203,21 @@ class NotATensor:
     pass
 
 
-def test_pickle_that_needs_more_than_weights_is_refused(tmp_path):
+class RunsACommand:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("payload,name", [(NotATensor(), "test_loading.NotATensor"), (RunsACommand(), "posix.system")])
+def test_pickle_that_needs_more_than_weights_is_refused_on_purpose(tmp_path, payload, name):
+    """Refused for safety, naming the file and what it would call: never "corrupt", never a hint to unpickle it
+    unsafely (torch's own message suggests weights_only=False)."""
     path = tmp_path / "evil.bin"
-    torch.save({"encoder.conv_in.weight": torch.ones(1), "payload": NotATensor()}, path)
-    with pytest.raises(ValueError, match=r"evil\.bin: refusing to unpickle.*Unsupported global.*NotATensor"):
+    torch.save({"encoder.conv_in.weight": torch.ones(1), "payload": payload}, path)
+    with pytest.raises(ValueError, match=rf"evil\.bin: refused on purpose, for safety: unpickling it would call "
+                                         rf"{re.escape(name)}.*Convert the checkpoint to \.safetensors") as refused:
         sdvae.load_encoder(path, config=SMALL)
+    assert "weights_only" not in str(refused.value) and "corrupt" not in str(refused.value)
 
 
 @pytest.mark.parametrize("content", [b"hello, not a checkpoint\n", bytes(range(256)) * 4,
@@ -214,8 +225,9 @@ def test_pickle_that_needs_more_than_weights_is_refused(tmp_path):
 def test_a_pickle_suffix_on_something_else_is_named_as_unreadable(tmp_path, content):
     path = tmp_path / "model.ckpt"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=r"model\.ckpt: cannot read this checkpoint \(not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"model\.ckpt: cannot read this checkpoint \(not a PyTorch checkpoint") as e:
         sdvae.load_encoder(path, config=SMALL)
+    assert "weights_only" not in str(e.value)
 
 
 def test_a_state_dict_with_a_non_tensor_value_names_its_key(small_state, tmp_path):
@@ -340,12 +352,40 @@ def test_incomplete_vae_file_names_file_and_tensor(small_state, tmp_path):
         sdvae.load_encoder(path)
 
 
-def test_unrelated_config_json_beside_a_file_is_ignored(full_refs, tmp_path):
+@pytest.mark.parametrize("config", [{"architectures": ["CLIPTextModel"], "hidden_size": 8}, [1, 2],
+                                    {"_class_name": "UNet2DConditionModel"}])
+def test_unrelated_config_json_beside_a_file_is_passed_over_with_a_warning_naming_it(full_refs, tmp_path, config):
     save_file({k: v.contiguous() for k, v in full_refs[4].state_dict().items()}, tmp_path / "vae.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": 8}))
-    with pytest.warns(UserWarning, match="family="):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning) as said:
         enc = sdvae.load_encoder(tmp_path / "vae.safetensors")
     assert enc.config.family == "sd15"
+    passed_over = f"{tmp_path / 'config.json'}: not a diffusers AutoencoderKL config"
+    assert any(str(w.message).startswith(passed_over) and "read from its weights" in str(w.message) for w in said)
+
+
+@pytest.mark.parametrize("config,says", [
+    ([1, 2], "a JSON list, not an object"),
+    ({"_class_name": "AutoencoderKL", "block_out_channel": [32, 32, 64]}, "config key 'block_out_channel'"),
+])
+def test_a_diffusers_folder_whose_config_is_not_an_autoencoderkl_config_is_refused_naming_it(
+        small_state, tmp_path, config, says):
+    save_file(small_state, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: not the diffusers "
+                                         rf"AutoencoderKL config of diffusion_pytorch_model\.safetensors: "
+                                         rf"{re.escape(says)}"):
+        sdvae.load_encoder(tmp_path)
+
+
+def test_a_diffusers_config_without_a_class_name_is_used(small_ref, small_state, tmp_path):
+    """diffusers loads a config.json that names no class; its settings (the GroupNorm groups, which the weights
+    cannot tell) must not be dropped for inferred ones."""
+    save_file(small_state, tmp_path / "diffusion_pytorch_model.safetensors")
+    config = {k: v for k, v in SMALL.to_diffusers().items() if not k.startswith("_")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    enc, _ = assert_matches(small_ref, tmp_path)
+    assert enc.config.norm_num_groups == 8
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])

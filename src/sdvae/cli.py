@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -64,11 +66,12 @@ def _decode(args: argparse.Namespace) -> int:
     import torch
 
     from .dataset import LatentDataset
-    from .images import tensor_to_image
+    from .images import save_format, tensor_to_image
     from .job import check_device
     from .loading import load_decoder
 
     check_device(args.device)
+    picture_format = save_format(args.out)
     dataset = LatentDataset(args.dir, mode=True)
     model = args.model or dataset.manifest["model"]["file"]
     if args.model is None and not Path(model).exists():
@@ -83,7 +86,7 @@ def _decode(args: argparse.Namespace) -> int:
             pictures.append(decoder.decode_with_scaling(dataset[index]["latent"][None].to(decoder.device))[0])
     height = max(p.shape[1] for p in pictures)
     grid = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, height - p.shape[1]), value=1.0) for p in pictures], 2)
-    tensor_to_image(grid).save(args.out)
+    tensor_to_image(grid).save(args.out, picture_format)
     print(f"decoded {len(pictures)} latent(s) of {args.dir} to {args.out}")
     return 0
 
@@ -102,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser(
         "encode", help="turn images into a sharded latent dataset",
         description="Encode images into a sharded latent dataset (safetensors shards, Parquet metadata).",
-        epilog="exit status: 0 when every input was encoded, 1 when some failed, in this run or an earlier one "
-               "(listed in DIR/errors.jsonl), 2 when an error stopped the run (bad arguments, no images, an output "
-               "holding other things; complete shards are kept for --resume), 130 when interrupted.")
+        epilog="exit status: 0 when every input was encoded; 1 when some failed, in this run or an earlier one "
+               "(each a line of DIR/errors.jsonl saying why); 2 when an error stopped the run, named on stderr (bad "
+               "arguments or device, no images, an input that is not there, a list that is not text, a checkpoint "
+               "that cannot be loaded, a Parquet image column without image bytes, an output holding other things "
+               "or written by another run, a write that failed such as a full disk; complete shards are kept for "
+               "--resume); 130 when interrupted (the same); 141 when the output went into a pipe that closed early.")
     encode.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (recursive), text files of paths, WebDataset .tar shards, "
                              ".parquet files, or brace patterns like data/{00000..00099}.tar")
@@ -171,13 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(error: BaseException) -> str:
+    """An error as one line that starts with what it is about: an OSError's file first, where Python puts it
+    last (`[Errno 28] No space left on device: 'x'`), or not at all."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush into a closed pipe says nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # (a closed pipe fails here, not at exit)
+        return status
+    except BrokenPipeError:  # `sdvae info X | head -1`: the reader has what it wanted
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except (ValueError, OSError, ImportError, ConnectionError) as e:
-        print(f"sdvae: error: {e}", file=sys.stderr)
+        print(f"sdvae: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = " (complete shards are kept: the same command with --resume goes on)" if args.command == "encode" else ""

@@ -118,9 +118,13 @@ def read_shard_rows(store: LocalStore, index: int) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     name = f"metadata/{shard_name(index)}.parquet"
-    data = store.read(name)
+    data = store.read(name) or b""
+    # (read from memory Arrow owns: a reader over Python bytes may be dropped on one of Arrow's threads, which then
+    # needs the GIL, and at interpreter exit that aborts the process: "terminate called", exit 134)
+    buffer = pa.allocate_buffer(len(data))
+    pa.FixedSizeBufferWriter(buffer).write(data)
     try:
-        table = pq.read_table(pa.BufferReader(data if data is not None else b""))
+        table = pq.read_table(pa.BufferReader(buffer))
     except (pa.ArrowException, OSError) as e:
         raise ShardError(f"{store}/{name}: not a readable metadata part ({e})") from None
     missing = [n for n in _schema(pa).names if n not in table.column_names]

@@ -8,6 +8,7 @@ not at all (latents and errors first, the metadata part last, each under a tempo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -239,11 +240,12 @@ def _shards_to_do(store: LocalStore, plan: list[list[Item]], settings: str) -> l
             continue
         stale += index < len(plan)
         store.remove(f"metadata/{shard_name(index)}.parquet")
-    for folder in ("metadata", "shards", "errors"):
+    for folder in ("shards", "errors"):
         for name in store.list(folder):
             index = name.split(".")[0]
-            if name.startswith(".") or index.isdigit() and int(index) not in done and folder != "metadata":
+            if index.isdigit() and int(index) not in done:
                 store.remove(f"{folder}/{name}")
+    store.remove_temporaries()
     if stale:
         log.info("%d stored shard(s) no longer match their inputs or files: encoding them again", stale)
     return [index for index in range(len(plan)) if index not in done]
@@ -284,18 +286,30 @@ def prepare_shard(items: list[Item], settings: Settings, base: str | None = None
     return out
 
 
-def check_device(name: str | None) -> None:
-    """Refuse a device this machine lacks before anything is written (torch would fail at the first batch)."""
+def check_device(name: str | None, here: bool = True) -> None:
+    """Refuse a device that cannot encode before anything is written (torch would fail at the first batch): a name
+    torch does not know, `meta` (its tensors hold no data), and where the model runs `here`, a device this machine
+    lacks or cannot make a tensor on."""
     if name is None:
         return
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: a meta device holds no data (its tensors have shapes only), so it "
+                         "cannot encode; use cpu or cuda")
+    if not here:
+        return
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU here (torch {torch.__version__})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    try:
+        torch.ones(1, device=device).cpu()
+    except Exception as e:  # each backend fails its own way (NotImplementedError, RuntimeError, ImportError, ...)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # (torch's first sentence)
+        raise ValueError(f"--device {name}: torch cannot make a tensor there on this machine ({reason})") from None
 
 
 class ShardEncoder:
@@ -404,12 +418,11 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     check_counts(shard_size=shard_size)
+    check_device(runtime.device, here=engine == "local")  # (a Ray cluster's devices are its nodes', not ours)
     if engine == "ray":
         from .ray_engine import connect, run_ray
 
         pool = connect(ray_address, ray_actors, ray_actor_cpus, runtime.device)  # setup errors before any write
-    else:
-        check_device(runtime.device)  # (a Ray cluster's devices are its nodes', not this machine's)
     store = open_store(output)
     _refuse_foreign(store)  # before the lock creates anything there
     with store.writer_lock():
@@ -422,7 +435,10 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
 
 class Tally:
     """A run's counts and progress bar: `done` as each shard's marker lands, `close` at the end (which also
-    gathers errors.jsonl and the manifest's totals, and splits the kept shards' inputs into stored and failed)."""
+    gathers errors.jsonl and the manifest's totals, and splits the kept shards' inputs into stored and failed).
+
+    As a context manager it closes however the run ends; where an error stopped the run, that error is the one
+    reported, not an I/O error of the gathering (on a full disk both fail)."""
 
     def __init__(self, job: Job):
         self.job = job
@@ -439,19 +455,25 @@ class Tally:
         earlier = finish_job(self.job)["failed"] - self.counts["failed"]
         self.counts["failed_before"], self.counts["skipped"] = earlier, self.counts["skipped"] - earlier
 
+    def __enter__(self) -> Tally:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        if error is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):
+            self.close()
+
 
 def run_local(job: Job, shard_encoder: ShardEncoder, workers: int) -> dict[str, int]:
     """The local engine: prepare (inline or in worker processes), encode and write the to-do shards in order."""
-    tally = Tally(job)
     prepared = _prepared_shards(job, workers)
-    try:
+    with Tally(job) as tally, contextlib.closing(prepared):
         for index, shard in zip(job.todo, prepared):
             tensors, rows, errors = shard_encoder(shard, tally.progress.update)
             tally.progress.update(len(errors), failed=len(errors))
             write_shard_data(job.store, index, tensors, rows, errors, job.settings_id)
             write_shard_marker(job.store, index, rows, job.settings_id)
             tally.done(index, len(errors))
-    finally:
-        prepared.close()
-        tally.close()
     return tally.counts

@@ -20,6 +20,7 @@ from .decoder import VaeDecoder
 from .encoder import VaeEncoder
 from .keys import KeyMap, map_keys
 from .module import VaeModule
+from .sources import why_missing
 
 log = logging.getLogger("sdvae")
 
@@ -92,10 +93,16 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please |\n\n|$)", str(e), re.DOTALL)
-        reason = (found[1] if found else str(e).strip().splitlines()[0]).strip()
-        if reason.startswith("Unsupported global"):
-            raise ValueError(f"{path}: refusing to unpickle: it holds more than tensors ({reason})") from e
+        message = str(e)
+        refused = re.search(r"GLOBAL (\S+)", message)  # torch's safe unpickler names what it will not load
+        if refused:
+            raise ValueError(f"{path}: refused on purpose, for safety: unpickling it would call {refused[1]}, "
+                             "and a pickle that calls code can run any code; sdvae unpickles tensors only. Convert "
+                             "the checkpoint to .safetensors where you trust it (or get a .safetensors release) and "
+                             "load that") from e
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please |\n\n|$)", message, re.DOTALL)
+        lines = [line for line in message.splitlines() if line.strip() and "weights_only" not in line]
+        reason = (found[1] if found else lines[0] if lines else "the safe unpickler cannot read it").strip()
         raise ValueError(f"{path}: cannot read this checkpoint (not a PyTorch checkpoint, truncated or corrupt?): "
                          f"{reason}") from e
     except Exception as e:  # the unpickler fails on junk bytes with many types (KeyError, EOFError, RuntimeError...)
@@ -134,10 +141,12 @@ def _sniff(path: Path) -> str | None:
     return "pickle" if zipfile.is_zipfile(path) or head[:1] == b"\x80" else None
 
 
-def _diffusers_config(weights: Path) -> dict[str, Any] | None:
-    """The AutoencoderKL config.json beside `weights`, or None where there is none or it is another model's.
+def _config_beside(weights: Path) -> tuple[VaeConfig, Path] | None:
+    """The diffusers AutoencoderKL config.json beside `weights` and its path, or None where there is none to use.
 
-    Another model class's config beside diffusers-named weights says those weights are that model: refused.
+    Beside diffusers-named weights (`diffusion_pytorch_model.*`) config.json describes them: anything but an
+    AutoencoderKL config is an error. Beside another file it may be any model's (a download folder): one that is not
+    an AutoencoderKL config is passed over with a warning naming it, and the config is read from the weights.
     """
     path = weights.parent / "config.json"
     if not path.is_file():
@@ -146,21 +155,29 @@ def _diffusers_config(weights: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise ValueError(f"{path}: cannot read config: {e}") from e
-    kind = data.get("_class_name") if isinstance(data, dict) else None
+    kind = data.get("_class_name", "AutoencoderKL") if isinstance(data, dict) else None
     if kind == "AutoencoderKL":
-        return data
-    if kind is not None and weights.name in WEIGHT_NAMES:
-        raise ValueError(f"{weights}: its config.json names the model class {kind}, not AutoencoderKL (the "
-                         "Stable-Diffusion family's VAE)")
+        try:
+            return VaeConfig.from_diffusers(data), path
+        except ValueError as e:
+            problem = str(e)
+    elif kind is None:
+        problem = f"a JSON {type(data).__name__}, not an object"
+    else:
+        problem = f"it names the model class {kind}, not AutoencoderKL (the Stable-Diffusion family's VAE)"
+    if weights.name in WEIGHT_NAMES:
+        raise ValueError(f"{path}: not the diffusers AutoencoderKL config of {weights.name}: {problem}")
+    warnings.warn(f"{path}: not a diffusers AutoencoderKL config ({problem}); passed over: the config of "
+                  f"{weights.name} is read from its weights", stacklevel=4)
     return None
 
 
-def _resolve_folder(folder: Path) -> tuple[Path, dict[str, Any] | None]:
+def _resolve_folder(folder: Path) -> Path:
     if (folder / "vae").is_dir() and not (folder / "config.json").is_file():
         return _resolve_folder(folder / "vae")
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
-            return folder / name, _diffusers_config(folder / name)
+            return folder / name
     raise FileNotFoundError(f"{folder}: no VAE weights here: expected a diffusers VAE folder "
                             f"(config.json + {' or '.join(WEIGHT_NAMES[:1] + WEIGHT_NAMES[2:3])}) or a pipeline "
                             "folder with vae/")
@@ -201,17 +218,19 @@ def _repo_id(source: str) -> bool:
             and not Path(source.split("/")[0]).is_dir())
 
 
-def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
-    """The weights file a source points to, and the diffusers config found beside it (if any)."""
+def resolve_source(source: str | Path) -> Path:
+    """The weights file a source points to: the file, the weights of a diffusers or pipeline folder, or a hub id's."""
     path = Path(source).expanduser()
     if not path.exists():
         if isinstance(source, str) and _repo_id(source):
             path = _from_hub(source)
         else:
-            raise FileNotFoundError(f"{source}: no such file or folder")
+            raise FileNotFoundError(f"{source}: {why_missing(path)}")
     if path.is_dir():
         return _resolve_folder(path)
-    return path, _diffusers_config(path)
+    if not path.is_file():  # (reading one would block, or never end)
+        raise ValueError(f"{source}: not a regular file (a FIFO, device or socket); a checkpoint is a file or a folder")
+    return path
 
 
 def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str, Any]:
@@ -286,7 +305,7 @@ class Checkpoint:
 def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
                     family: str | None = None) -> Checkpoint:
     """Locate the weights and settle the config: `config` > `family` > config.json beside them > inferred."""
-    path, found_config = resolve_source(source)
+    path = resolve_source(source)
     tensors = read_tensors(path)
     keys = list(tensors.keys())
     keymap = map_keys(keys)
@@ -298,8 +317,9 @@ def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path
         return Checkpoint(path, tensors, keymap, cfg, "config argument")
     if family is not None:
         return Checkpoint(path, tensors, keymap, VaeConfig.preset(family), f"family={family!r}")
-    if found_config is not None:
-        return Checkpoint(path, tensors, keymap, VaeConfig.from_diffusers(found_config), "config.json")
+    beside = _config_beside(path)
+    if beside is not None:
+        return Checkpoint(path, tensors, keymap, beside[0], str(beside[1]))
     try:
         arch = _infer_architecture(tensors, keymap)
     except KeyError as e:

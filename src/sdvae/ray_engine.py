@@ -110,11 +110,10 @@ def connect(address: str | None, actors: int | None, actor_cpus: float, device: 
 def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
     """Run the job's to-do shards on the connected cluster; paths go to the workers absolute."""
     ray = import_ray()
-    tally = Tally(job)
     shards = [{"shard": index, "items": pickle.dumps(job.plan[index])} for index in job.todo]
     device = "cuda" if pool.device.startswith("cuda") else pool.device  # an actor sees only its own GPU
     actor_runtime = replace(runtime, device=device)
-    try:
+    with Tally(job) as tally:
         if shards:
             pipeline = (
                 ray.data.from_items(shards, override_num_blocks=len(shards))
@@ -133,6 +132,4 @@ def run_ray(job: Job, runtime: Runtime, pool: Pool) -> dict[str, int]:
                 write_shard_marker(job.store, index, rows, job.settings_id)
                 tally.progress.update(len(job.plan[index]), failed=failed)
                 tally.done(index, failed)
-    finally:
-        tally.close()
     return tally.counts

@@ -8,6 +8,7 @@ member header for a tar member, the file's size and mtime for a Parquet row), so
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -111,6 +112,34 @@ def expand_braces(spec: str) -> list[str]:
     return [out for option in options for out in expand_braces(head + option + tail)]
 
 
+def why_missing(path: Path) -> str:
+    """Why a path that `Path.exists` finds missing cannot be read: a symbolic link loop, a link to nothing, or no
+    such file or folder."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (too many levels of symbolic links)"
+    if path.is_symlink():
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return "no such file or folder"
+
+
+def _list_file(path: Path) -> list[str]:
+    """The paths a text file lists, one a line (blank lines and `#` comments skipped); ValueError naming the file
+    where it is not UTF-8 text (a binary file given as a list, say)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{path}: not a text file listing paths (it holds NUL bytes: binary, or UTF-16 text?)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not a text file listing paths: line {line} is not UTF-8 (byte "
+                         f"0x{data[e.start]:02x}); a list holds one path a line, in UTF-8") from None
+    return [entry for line in text.splitlines() if (entry := line.strip()) and not entry.startswith("#")]
+
+
 def _caption_beside(path: Path) -> str | None:
     for suffix in CAPTION_SUFFIXES:
         sidecar = path.with_suffix(suffix)
@@ -178,13 +207,16 @@ def _damage_after(path: Path, offset: int) -> str | None:
 
 
 def _holds_bytes(schema) -> Callable[[str], bool]:
-    """Whether a column of `schema` holds encoded images: binary, or a struct with a `bytes` field."""
+    """Whether a column of `schema` holds encoded images: binary, or a struct with a binary `bytes` field."""
     import pyarrow as pa
+
+    def binary(kind) -> bool:
+        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
     def holds(name: str) -> bool:
         kind = schema.field(name).type
-        return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-                or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+        return binary(kind) or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 and binary(
+            kind.field("bytes").type)
 
     return holds
 
@@ -197,12 +229,16 @@ def parquet_columns(schema, path: Path, image_column: str | None,
     for wanted, what in ((image_column, "image"), (caption_column, "caption")):
         if wanted is not None and wanted not in names:
             raise ValueError(f"{path}: no {what} column {wanted!r}; its columns are {', '.join(names)}")
+    if image_column is not None and not holds_bytes(image_column):
+        raise ValueError(f"{path}: column {image_column!r} holds {schema.field(image_column).type}, not encoded "
+                         "images (binary, or the Hugging Face {bytes, path} struct)")
     image = image_column or next((n for n in IMAGE_COLUMNS if n in names and holds_bytes(n)), None)
     if image is None:
         binary = [n for n in names if holds_bytes(n)]
         if len(binary) != 1:
-            raise ValueError(f"{path}: cannot tell which column holds the images (columns: {', '.join(names)}); "
-                             "name it with --image-column")
+            columns = ", ".join(f"{n} ({schema.field(n).type})" for n in names)
+            raise ValueError(f"{path}: cannot tell which column holds the images, binary or the Hugging Face "
+                             f"{{bytes, path}} struct (columns: {columns}); name it with --image-column")
         image = binary[0]
     caption = caption_column or next((n for n in CAPTION_COLUMNS if n in names), None)
     return image, caption
@@ -240,10 +276,12 @@ def _parquet_items(name: str, path: Path, image_column: str | None, caption_colu
 def _from_path(file: tuple[str, Path, bool], image_column: str | None, caption_column: str | None) -> list[Item]:
     key, path, in_folder = file
     try:
-        regular = stat.S_ISREG(path.stat().st_mode)
+        mode = path.stat().st_mode
     except OSError:
-        regular = True  # (what fails to stat fails again below, with its reason)
-    if not regular:
+        mode = stat.S_IFREG  # (what fails to stat fails again below, with its reason)
+    if stat.S_ISDIR(mode):  # (listed in a list file: folders on the command line are walked)
+        return [Item(key, str(path), error="a folder: a list names files (give the folder itself as an INPUT)")]
+    if not stat.S_ISREG(mode):
         return [Item(key, str(path), error=NOT_REGULAR)]
     suffix = path.suffix.lower()
     if suffix == ".tar":
@@ -275,19 +313,18 @@ def list_inputs(inputs: list[str], image_column: str | None = None,
     for spec in itertools.chain.from_iterable(map(expand_braces, inputs)):
         path = Path(spec)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file())
+            # (a link to nothing or a link loop is taken too: it fails as an input, recorded, never passed over)
+            found = sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink() and not p.exists())
             taken = [p for p in found if p.suffix.lower() in FOLDER_SUFFIXES]
             files += [(p.relative_to(path).as_posix(), p, True) for p in taken]
             _log_passed_over(path, [p for p in found if p.suffix.lower() not in FOLDER_SUFFIXES])
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            for line in path.read_text().splitlines():
-                entry = line.strip()
-                if entry and not entry.startswith("#"):
-                    files.append((entry, Path(entry) if Path(entry).is_absolute() else path.parent / entry, False))
+            files += [(entry, Path(entry) if Path(entry).is_absolute() else path.parent / entry, False)
+                      for entry in _list_file(path)]
         elif path.exists():
             files.append((spec, path, False))
         else:
-            raise FileNotFoundError(f"{spec}: no such file or folder")
+            raise FileNotFoundError(f"{spec}: {why_missing(path)}")
     read = functools.partial(_from_path, image_column=image_column, caption_column=caption_column)
     containers = sum(p.suffix.lower() in (".tar", ".parquet") for _, p, _ in files)
     processes = min(32, os.cpu_count() or 1)
@@ -373,6 +410,7 @@ def _parquet_cells(path: str, column: str, rows: list[int]) -> dict[int, bytes |
                 for r in inside:
                     cell = values[r - start]
                     cell = cell.get("bytes") if isinstance(cell, dict) else cell
-                    cells[r] = cell or f"row {r}: no image bytes in column {column!r}"
+                    empty = not isinstance(cell, bytes) or not cell  # (anything else, a str, reads as an error)
+                    cells[r] = f"row {r}: no image bytes in column {column!r}" if empty else cell
         start = stop
     return cells

@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -20,6 +21,12 @@ from pathlib import Path
 log = logging.getLogger("sdvae")
 
 LOCK = ".sdvae-writer.lock"
+_TEMPORARY = re.compile(r"\..+\.\d+\.tmp")  # `.NAME.HOST.PID.tmp`, what `LocalStore.write` writes before renaming
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of the temporaries `LocalStore.write` renames into place once written."""
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 class OutputInUse(ValueError):
@@ -41,21 +48,29 @@ class LocalStore:
         return str(self.root.resolve())
 
     def write(self, name: str, data: bytes) -> None:
-        """Write `data` through a temporary name in the same folder, then rename: never half a file."""
+        """Write `data` through a temporary name in the same folder, then rename: never half a file.
+
+        A failed write removes its temporary and raises an OSError that names the file (a full disk fails in a
+        write or fsync, whose own errors name none)."""
         path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
 
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
         try:
             return (self.root / name).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (the latter where a file stands in for a folder)
             return None
 
     def read_range(self, name: str, start: int, length: int) -> bytes:
@@ -79,9 +94,17 @@ class LocalStore:
     def remove(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
 
+    def remove_temporaries(self) -> None:
+        """Remove the temporaries that writes cut short (a kill, a crash) left anywhere in the store; only the
+        output's one writer calls this, when no write of its own is under way."""
+        for folder, _, names in os.walk(self.root):
+            for name in filter(is_temporary, names):
+                Path(folder, name).unlink(missing_ok=True)
+
     def is_empty(self) -> bool:
-        """Whether the folder is absent or holds nothing (a writer lock left unlocked counts as nothing)."""
-        return not self.root.exists() or all(p.name == LOCK for p in self.root.iterdir())
+        """Whether the folder is absent or holds nothing (a writer lock left unlocked, or a temporary left by a
+        write cut short, counts as nothing)."""
+        return not self.root.exists() or all(p.name == LOCK or is_temporary(p.name) for p in self.root.iterdir())
 
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[None]:
@@ -92,7 +115,10 @@ class LocalStore:
         and the folder too where the lock made it and nothing else was written.
         """
         created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create the output folder: {e.strerror}", str(self.root)) from e
         path = self.root / LOCK
         fd = _lock(path)
         if fd is None:
@@ -100,9 +126,10 @@ class LocalStore:
             yield
             return
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+            with contextlib.suppress(OSError):  # (a full disk: the holder goes unnamed; the run's writes fail)
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                         "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
             yield
         finally:
             os.unlink(path)
