@@ -25,12 +25,16 @@ import torch
 from common import cpu_line
 from PIL import Image
 
-from sdvae.dataset import write_shard_data, write_shard_marker
+from sdvae.data.dataset import write_shard_data, write_shard_marker
+from sdvae.data.encode import encode_dataset
+from sdvae.data.job import Runtime, Settings
+from sdvae.data.local import LocalEngine
+from sdvae.data.prepare import load_rgb, prepare
+from sdvae.data.ray_engine import RayEngine
+from sdvae.data.shard import ShardEncoder
+from sdvae.data.sources import list_inputs, read_images
+from sdvae.data.store import LocalStore
 from sdvae.demo import write_random_checkpoint
-from sdvae.job import Runtime, Settings, ShardEncoder, encode_dataset
-from sdvae.preprocess import load_rgb, prepare
-from sdvae.sources import list_inputs, read_images
-from sdvae.storage import LocalStore
 
 SIZE = 256
 PER_TAR = 16
@@ -87,7 +91,7 @@ def stage_times(tars: list[Path], ckpt: Path, tmp: Path, settings: Settings) -> 
 
 
 def _config(ckpt: Path) -> dict:
-    from sdvae.loading import open_checkpoint
+    from sdvae.checkpoint.loading import open_checkpoint
 
     return open_checkpoint(ckpt, family="sd15").config.to_diffusers()
 
@@ -102,17 +106,17 @@ def main(n: int = 48) -> None:
     stages = stage_times(tars, ckpt, tmp, settings)
     runs = []
     inputs = [str(tmp / "wds")]
-    common = dict(family="sd15", runtime=Runtime(batch_size=8), shard_size=PER_TAR)
+    common = dict(family="sd15", shard_size=PER_TAR)
     start = time.perf_counter()
-    encode_dataset(inputs, str(ckpt), tmp / "local", settings, **common)
+    encode_dataset(inputs, str(ckpt), tmp / "local", settings, engine=LocalEngine(Runtime(batch_size=8)), **common)
     runs.append(("local engine (--workers 0)", time.perf_counter() - start))
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     for actors, cpus in ((1, 1.5), (2, 0.75)):
         start = time.perf_counter()
-        encode_dataset(inputs, str(ckpt), tmp / f"ray{actors}", settings, engine="ray", ray_actors=actors,
-                       ray_actor_cpus=cpus, **common)
+        engine = RayEngine(Runtime(batch_size=8), actors=actors, actor_cpus=cpus)
+        encode_dataset(inputs, str(ckpt), tmp / f"ray{actors}", settings, engine=engine, **common)
         runs.append((f"ray, {actors} actor(s) of {cpus:g} CPU ({math.ceil(cpus)} threads)",
                      time.perf_counter() - start))
     ray.shutdown()

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import sdvae
 from sdvae import VaeConfig, VaeDecoder, VaeEncoder
-from sdvae.keys import to_ldm
+from sdvae.checkpoint.keys import to_ldm
 
 
 def best(run, n: int = 3) -> float:

@@ -69,9 +69,9 @@ def worker(kind: str, size: int, weights: Path, out: Path) -> None:
 def need(kind: str, size: int, narrow: bool) -> int:
     """Estimated peak of `kind`; diffusers' tiling is counted as the plan with scratch files (tiles and output)."""
     from sdvae import VaeConfig
-    from sdvae.encoder import Encoder
-    from sdvae.planning import tiled_peak, untiled_peak
-    from sdvae.tiling import TilePlan
+    from sdvae.model.network import Encoder
+    from sdvae.tiled.budget import tiled_peak, untiled_peak
+    from sdvae.tiled.tiling import TilePlan
 
     config, shape = narrow_config() if narrow else VaeConfig.preset("sd15"), (1, 3, size, size)
     if kind == "untiled":
@@ -83,7 +83,7 @@ def need(kind: str, size: int, narrow: bool) -> int:
 
 
 def fits(kind: str, size: int, narrow: bool) -> bool:
-    from sdvae.planning import available_memory
+    from sdvae.tiled.budget import available_memory
 
     return need(kind, size, narrow) < 0.8 * available_memory(torch.device("cpu"))
 

@@ -3,7 +3,7 @@
 One 3x3 conv of each encoder width at its level's size (128 channels at the image size, 256 at half, 512 at a
 quarter), float32, channels-last, best of 3 sweeps over the map's bands. Prints one markdown table.
 Usage: python bench/winograd.py [--size 512] [--threads 2] [--workspace-mib 32 4]
-  --workspace-mib: Winograd piece sizes to compare (`sdvae.winograd.WORKSPACE_BYTES`), one column each.
+  --workspace-mib: Winograd piece sizes to compare (`sdvae.fast.winograd.WORKSPACE_BYTES`), one column each.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from common import cpu_line
 from torch import nn
 
-from sdvae import bands, winograd
+from sdvae.fast import bands, winograd
 
 
 def sweep(run, x: torch.Tensor, out: torch.Tensor) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from reference import TINY, reference_vae
 
 

@@ -1,7 +1,7 @@
 """Test helpers: diffusers reference models with fresh random weights, and checkpoint writers for every layout.
 
-The LDM writer below is written from the published CompVis names, independently of `sdvae.keys`; the tests check
-it against diffusers' own LDM converter so that loading LDM files is not checked against itself.
+The LDM writer below is written from the published CompVis names, independently of `sdvae.checkpoint.keys`; the tests
+check it against diffusers' own LDM converter so that loading LDM files is not checked against itself.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 import torch
 from diffusers import AutoencoderKL
 
-from sdvae import VaeConfig, VaeDecoder, VaeEncoder
+from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_weights
 
 # A small config for end-to-end tests: every block kind, 64 px samples, fast.
 TINY = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
@@ -44,8 +44,8 @@ def loaded_from(ref: AutoencoderKL, config: VaeConfig,
     with torch.device("meta"):
         enc, dec = VaeEncoder(config).to(dtype), VaeDecoder(config).to(dtype)
     state = ref.state_dict()
-    enc.load_hf_state_dict(state, strict=True)
-    dec.load_hf_state_dict(state, strict=True)
+    load_weights(enc, state, strict=True)
+    load_weights(dec, state, strict=True)
     return enc, dec
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from reference import diffusers_to_ldm, reference_vae, unet_and_text_tensors
 from safetensors.torch import save_file
 
-from reference import diffusers_to_ldm, reference_vae, unet_and_text_tensors
 from sdvae import VaeConfig
+from sdvae.checkpoint.keys import map_keys, to_ldm
 from sdvae.cli import main
-from sdvae.keys import map_keys, to_ldm
 
 
 def test_demo_runs_and_writes_its_files(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from sdvae import VaeConfig
-from sdvae.config import PRESETS
+from sdvae.model.config import PRESETS
 
 # Each family's AutoencoderKL arguments, written from SPEC.md's family table (the external truth).
 SD_ARCH = dict(

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from reference import TINY, rel_err
+
 from sdvae import LatentDataset, load_encoder
 from sdvae.cli import main
-from sdvae.images import image_to_tensor
-from sdvae.preprocess import ImageError, load_rgb, make_buckets, nearest_bucket, prepare
+from sdvae.data.images import image_to_tensor
+from sdvae.data.prepare import ImageError, load_rgb, make_buckets, nearest_bucket, prepare
 
 GOOD = ["a.png", "b.jpg", "nested/c.webp", "cmyk.jpg", "grey.png", "grey16.png", "palette.png", "rgba.png", "la.png",
         "rotated.jpg", "tiny.png"]
@@ -228,7 +228,7 @@ def test_tile_size_and_max_memory_change_memory_not_latents(model, images, tmp_p
 
 def test_compile_flag_reaches_the_encoder(model, images, tmp_path, monkeypatch):
     """`--compile` asks the loaded encoder to compile (the compiled path itself: tests/test_fast_path.py)."""
-    from sdvae.module import VaeModule
+    from sdvae.vae.base import VaeModule
 
     compiled = []
     monkeypatch.setattr(VaeModule, "compile_network",
@@ -316,7 +316,7 @@ def test_a_run_that_stored_nothing_can_start_over_with_other_settings(model, ima
         raise ValueError("the model could not be set up")
 
     with monkeypatch.context() as patch:
-        patch.setattr("sdvae.job.ShardEncoder", fail)
+        patch.setattr("sdvae.data.local.ShardEncoder", fail)
         assert encode(images / "a.png", "--model", model, "--output", out, "--resolution", "64") == 2
     assert (out / "manifest.json").exists()
     assert encode(images / "a.png", "--model", model, "--output", out, "--resolution", "64", "--flip") == 0
@@ -351,7 +351,7 @@ def test_an_interrupt_exits_130_and_points_to_resume(model, images, tmp_path, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sdvae.job.encode_dataset", interrupted)
+    monkeypatch.setattr("sdvae.data.encode.encode_dataset", interrupted)
     assert encode(images / "a.png", "--model", model, "--output", tmp_path / "out") == 130
     assert "--resume" in capsys.readouterr().err
 

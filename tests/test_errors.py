@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from sdvae.cli import main
-from sdvae.sources import _parquet_cells
+from sdvae.data.sources import _parquet_cells
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_a_list_file_that_is_not_text_is_named(model, tmp_path, capsys, content,
 
 
 def test_a_list_file_with_a_byte_order_mark_reads_its_first_path(photos, tmp_path):
-    from sdvae.sources import list_inputs
+    from sdvae.data.sources import list_inputs
 
     listing = tmp_path / "paths.txt"
     listing.write_bytes(f"\ufeff{photos / '0.png'}\n".encode())

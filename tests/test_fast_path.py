@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
+from reference import loaded_from, random_images, reference_vae, rel_err
 from torch.profiler import profile
 
-from reference import loaded_from, random_images, reference_vae, rel_err
-from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_decoder, load_encoder
+from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_decoder, load_encoder, load_weights
 
 SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8)
 
@@ -67,14 +67,14 @@ def test_gradients_still_flow_through_the_encoder():
                                                           ("sd15", None, 64), ("sd3", None, None)])
 def test_bfloat16_fast_path_is_closer_to_float32_than_diffusers_bfloat16(family, band_pixels, tile_size,
                                                                          monkeypatch):
-    import sdvae.bands
+    import sdvae.fast.bands
 
     if band_pixels is not None:
-        monkeypatch.setattr(sdvae.bands, "BAND_PIXELS", band_pixels)
+        monkeypatch.setattr(sdvae.fast.bands, "BAND_PIXELS", band_pixels)
     config = VaeConfig.preset(family)
     ref = reference_vae(config, seed=4)
     enc = VaeEncoder(config)
-    enc.load_hf_state_dict(ref.state_dict())
+    load_weights(enc, ref.state_dict())
     x = random_images(1, 128, 128)  # large enough that the error is a property of the path, not of a few values
     with torch.no_grad():
         want = ref.encode(x).latent_dist.mean
@@ -94,7 +94,7 @@ def test_half_precision_group_norm_and_silu_round_once(dtype, inplace, monkeypat
     """Half-precision GroupNorm+SiLU is computed in float32 and rounded once (by chunks of rows, here several):
     the result is float64's rounded to `dtype`, where rounding the normalized map and then its SiLU would miss
     that on a large share of the values."""
-    from sdvae import groupnorm
+    from sdvae.fast import groupnorm
 
     monkeypatch.setattr(groupnorm, "HALF_CHUNK", 1000)
     torch.manual_seed(5)
@@ -135,7 +135,7 @@ def test_half_precision_maps_with_constant_channels_stay_near_float32(dtype):
 def test_half_precision_group_norm_with_only_the_bias_trained_keeps_gradients():
     """Bias-only fine-tuning (frozen weight, trainable bias) records autograd through the GroupNorm in half
     precision too: PyTorch's kernel takes it, not the out= path."""
-    from sdvae import groupnorm
+    from sdvae.fast import groupnorm
 
     norm = torch.nn.GroupNorm(4, 16).bfloat16()
     norm.weight.requires_grad_(False)
@@ -146,9 +146,9 @@ def test_half_precision_group_norm_with_only_the_bias_trained_keeps_gradients():
 def test_a_resnet_called_on_an_nchw_map_equals_the_channels_last_result(monkeypatch):
     """The encoder keeps maps channels-last; a block called directly on an NCHW map takes the whole-map path (the
     row bands and the Winograd transforms read each band as one run of memory) with the same result."""
-    from sdvae import winograd
-    from sdvae.fast import run_layer
-    from sdvae.layers import ResnetBlock
+    from sdvae.fast import winograd
+    from sdvae.fast.path import run_layer
+    from sdvae.model.network import ResnetBlock
 
     monkeypatch.setattr(winograd, "MIN_WORK", 0)
     torch.manual_seed(0)
@@ -163,7 +163,7 @@ def test_a_resnet_called_on_an_nchw_map_equals_the_channels_last_result(monkeypa
 def test_bfloat16_on_a_cpu_without_native_support_warns_once(monkeypatch):
     import warnings
 
-    from sdvae import module
+    from sdvae.vae import base as module
 
     encoder = VaeEncoder(VaeConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8))
     encoder = encoder.to(torch.bfloat16)
@@ -188,27 +188,27 @@ def test_bfloat16_on_a_cpu_without_native_support_warns_once(monkeypatch):
 def test_conv_into_writes_or_adds_a_band_in_every_dtype(dtype, plain, monkeypatch):
     """Half precision through oneDNN's fused sum needs AVX-512 or AVX-NE-CONVERT (it raises on an AVX2-only CPU):
     where `fused_sum` says no, `conv_into` takes the plain convolution, with the same result."""
-    import sdvae.bands
+    import sdvae.fast.bands
 
     if plain:  # else this CPU's own answer: the fused sum where it runs
-        monkeypatch.setattr(sdvae.bands, "fused_sum", lambda _: False)
+        monkeypatch.setattr(sdvae.fast.bands, "fused_sum", lambda _: False)
     conv = torch.nn.Conv2d(16, 8, 3, padding=1).to(dtype).requires_grad_(False)
     x = torch.randn(1, 16, 7, 9).to(dtype).contiguous(memory_format=torch.channels_last)  # 5 rows + halo
     base = torch.randn(1, 8, 5, 9).to(dtype).contiguous(memory_format=torch.channels_last)
     want = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=(0, 1))
     for add in (False, True):
         out = base.clone()
-        sdvae.bands.conv_into(conv, x, out, add)
+        sdvae.fast.bands.conv_into(conv, x, out, add)
         assert rel_err(out, want + (base.double() if add else 0)) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_inference_runs_resnets_and_downsamples_by_row_bands_into_their_outputs():
-    """Row bands (sdvae.bands) are what keep two full-size maps instead of four: no conv sees a whole map of the
+    """Row bands (sdvae.fast.bands) are what keep two full-size maps instead of four: no conv sees a whole map of the
     first block, and convs write into their outputs through oneDNN's fused sum."""
-    import sdvae.bands
+    import sdvae.fast.bands
 
     enc = VaeEncoder(SMALL).eval().requires_grad_(False)
-    height, width = 96, sdvae.bands.BAND_PIXELS // 16  # bands of 16 rows
+    height, width = 96, sdvae.fast.bands.BAND_PIXELS // 16  # bands of 16 rows
     with torch.no_grad(), profile(record_shapes=True) as prof:
         enc(random_images(1, height, width))
     conv_heights = [e.input_shapes[1][2] for e in prof.events() if e.name == "mkldnn::_convolution_pointwise_"]
@@ -232,12 +232,12 @@ def winograd_kernels(enc: VaeEncoder, x: torch.Tensor) -> tuple[torch.Tensor, li
 
 def test_float32_resnets_of_128_channels_and_more_run_winograd_by_default():
     """The 3x3 convs of float32 resnets 128 channels wide and more, on maps large enough, go through Winograd's
-    F(4x4, 3x3) (sdvae.winograd): 36 GEMMs in one batched call instead of oneDNN's direct convolution, and the
+    F(4x4, 3x3) (sdvae.fast.winograd): 36 GEMMs in one batched call instead of oneDNN's direct convolution, and the
     result stays within float32 parity of the float64 one. Small maps keep the direct conv."""
     config = VaeConfig(block_out_channels=(128, 256), layers_per_block=1, norm_num_groups=32)
     ref = reference_vae(config, seed=6)
     enc = VaeEncoder(config)
-    enc.load_hf_state_dict(ref.state_dict())
+    load_weights(enc, ref.state_dict())
     x = random_images(1, 128, 264)  # the 256-channel level: 64 x 132 pixels, enough at 128 x 256 channels
     got, kernels, direct = winograd_kernels(enc, x)
     assert [36, 128, 128] in kernels and [36, 128, 256] in kernels and [36, 256, 256] in kernels, kernels
@@ -285,6 +285,6 @@ def test_the_fast_path_equals_the_plain_network(dtype, tolerance):
         assert rel_err(plain, ref.encode(x).latent_dist.parameters) <= tolerance
         assert rel_err(enc(x), plain) <= tolerance and rel_err(dec(z), plain_images) <= tolerance
         assert rel_err(enc(x, tile_size=16), plain) <= tolerance
-    from sdvae.fast import enabled
+    from sdvae.fast.path import enabled
 
     assert enabled()  # the switch is back on after its block

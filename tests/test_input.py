@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import loaded_from, random_images, reference_vae, rel_err
-from sdvae import VaeConfig, VaeEncoder
+
+from sdvae import VaeConfig, VaeEncoder, load_weights
 
 SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8)
 
@@ -47,7 +47,7 @@ def test_float16_overflow_is_recomputed_in_float32(models):
     state = {k: v.clone() for k, v in enc.state_dict().items()}
     state["encoder.conv_in.weight"] *= 3e4  # activations around float16's limit of 65504 ...
     state["encoder.conv_in.bias"] += 6e4  # ... and past it; the GroupNorm after brings them back
-    loud.load_hf_state_dict(state)
+    load_weights(loud, state)
     x = random_images(2, 16, 16)
     with torch.no_grad():
         want = loud(x)

@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from reference import diffusers_to_ldm, random_images, reference_vae
 from safetensors.torch import load_file, save_file
 
 import sdvae
-from reference import diffusers_to_ldm, random_images, reference_vae
 from sdvae import LatentDataset
 from sdvae.cli import main
-from sdvae.storage import LOCK, LocalStore
+from sdvae.data.store import LOCK, LocalStore
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_output(photos, mod
 def test_the_lock_of_a_killed_run_does_not_stop_the_next(photos, model, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, signal, sys\nfrom sdvae.storage import LocalStore\n"
+        "import os, signal, sys\nfrom sdvae.data.store import LocalStore\n"
         f"with LocalStore({str(out)!r}).writer_lock():\n"
         "    print('locked', flush=True); os.kill(os.getpid(), signal.SIGKILL)")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -147,7 +147,7 @@ def test_non_finite_input_is_refused_naming_the_batch_items(model, value):
 
 
 def test_a_non_finite_latent_is_recorded_as_that_inputs_error_never_stored(photos, model, tmp_path, monkeypatch):
-    from sdvae.job import ShardEncoder
+    from sdvae.data.shard import ShardEncoder
 
     original = ShardEncoder._encode
     calls = []
@@ -202,7 +202,7 @@ def test_fifos_given_directly_or_listed_are_recorded_not_waited_on(photos, model
 
 def test_the_header_check_reads_the_real_file_layout(tmp_path):
     """The shard check's reading of the safetensors header agrees with safetensors on a file it wrote."""
-    from sdvae.dataset import _safetensors_header
+    from sdvae.data.dataset import _safetensors_header
 
     save_file({"mean_8x8": torch.zeros(3, 4, 1, 1), "logvar_8x8": torch.ones(3, 4, 1, 1, dtype=torch.float16)},
               tmp_path / "s.safetensors", metadata={"settings_id": "abc"})

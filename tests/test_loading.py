@@ -14,13 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from reference import (
+    diffusers_to_deprecated_attention,
+    diffusers_to_ldm,
+    random_images,
+    reference_vae,
+    rel_err,
+    unet_and_text_tensors,
+)
 from safetensors.torch import save_file
 
 import sdvae
-from reference import (diffusers_to_deprecated_attention, diffusers_to_ldm, random_images, reference_vae, rel_err,
-                       unet_and_text_tensors)
-from sdvae import VaeConfig
-from sdvae.loading import SafetensorsFile
+from sdvae import VaeConfig, load_weights
+from sdvae.checkpoint.loading import SafetensorsFile
 
 # A small config for the layout tests: three blocks so the LDM up-block reversal is exercised.
 SMALL = VaeConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
@@ -155,18 +161,18 @@ def test_bare_vae_file_of_ambiguous_family_warns_and_names_family(full_refs, tmp
 def test_strict_names_foreign_and_missing_keys(small_state, tmp_path):
     extra = dict(small_state, **{"encoder.extra.weight": torch.ones(1), "loss.logvar": torch.ones(1)})
     enc = sdvae.VaeEncoder(SMALL)
-    report = enc.load_hf_state_dict(extra)
+    report = load_weights(enc, extra)
     assert set(report.foreign) == {"encoder.extra.weight", "loss.logvar"}
     with pytest.raises(ValueError, match=r"not part of the VAE: .*encoder\.extra\.weight.*loss\.logvar"):
-        sdvae.VaeEncoder(SMALL).load_hf_state_dict(extra, strict=True)
-    sdvae.VaeEncoder(SMALL).load_hf_state_dict(small_state, strict=True)  # the decoder's keys are no surprise
+        load_weights(sdvae.VaeEncoder(SMALL), extra, strict=True)
+    load_weights(sdvae.VaeEncoder(SMALL), small_state, strict=True)  # the decoder's keys are no surprise
     missing = {k: v for k, v in small_state.items() if k not in ("encoder.conv_in.bias", "quant_conv.weight")}
     for strict in (False, True):
         with pytest.raises(ValueError, match=r"2 tensor\(s\) missing.*encoder\.conv_in\.bias.*quant_conv\.weight"):
-            sdvae.VaeEncoder(SMALL).load_hf_state_dict(missing, strict=strict)
+            load_weights(sdvae.VaeEncoder(SMALL), missing, strict=strict)
     decoder_missing = {k: v for k, v in small_state.items() if k != "decoder.conv_out.weight"}
     with pytest.raises(ValueError, match=r"decoder\.conv_out\.weight"):
-        sdvae.VaeDecoder(SMALL).load_hf_state_dict(decoder_missing)
+        load_weights(sdvae.VaeDecoder(SMALL), decoder_missing)
 
 
 def test_whole_checkpoint_is_refused_in_strict_mode(small_state, tmp_path):
@@ -180,7 +186,7 @@ def test_sd3_weights_into_sd15_config_name_key_and_shapes(tmp_path):
     sd3 = {k: v.contiguous() for k, v in reference_vae(VaeConfig.preset("sd3")).encoder.conv_out.state_dict().items()}
     state = {f"encoder.conv_out.{k}": v for k, v in sd3.items()}
     with pytest.raises(ValueError, match=r"encoder\.conv_out\.weight: expected \[8, 512, 3, 3\], found \[32, 512, 3, 3\]"):
-        sdvae.VaeEncoder(VaeConfig.preset("sd15")).load_hf_state_dict(state)
+        load_weights(sdvae.VaeEncoder(VaeConfig.preset("sd15")), state)
 
 
 @pytest.mark.parametrize("cut", [0, 7, 100, -10])
@@ -276,7 +282,7 @@ def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch
     def no_hub(repo_id):
         raise AssertionError(f"{repo_id} was looked up on the hub")
 
-    monkeypatch.setattr(sdvae.loading, "_from_hub", no_hub)
+    monkeypatch.setattr(sdvae.checkpoint.loading, "_from_hub", no_hub)
     for path in ("./models/vae.safetensors", "../models/vae.safetensors", "models/sd/vae.safetensors",
                  "models/vae.safetensors", "-acme/vae"):
         with pytest.raises(FileNotFoundError, match=f"{path}: no such file or folder"):

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from reference import loaded_from, random_images, reference_vae, rel_err
-from sdvae import VaeConfig, VaeEncoder
-from sdvae.config import PRESETS
+
+from sdvae import VaeConfig, VaeEncoder, load_weights
+from sdvae.model.config import PRESETS
 
 # Against diffusers in float64, the exact result: diffusers' own float32 result is up to 9e-6 from it (measured on
 # an AVX2 CPU), so two float32 results may differ by more than either's error.
@@ -89,7 +89,7 @@ def test_logvar_is_clamped_like_diffusers():
     enc = VaeEncoder(config).double()
     with torch.no_grad():
         ref.quant_conv.bias[4:] = torch.tensor([-100.0, 100.0, 0.0, 25.0], dtype=torch.float64)
-    enc.load_hf_state_dict(ref.state_dict())
+    load_weights(enc, ref.state_dict())
     x = random_images(1, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         got, want = enc.encode(x), ref.encode(x).latent_dist
@@ -99,18 +99,18 @@ def test_logvar_is_clamped_like_diffusers():
 
 
 def test_large_image_matches_diffusers():
-    """Large maps are where channels-last GroupNorm kernels lose precision (see sdvae.groupnorm)."""
+    """Large maps are where channels-last GroupNorm kernels lose precision (see sdvae.fast.groupnorm)."""
     config = VaeConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8)
     ref = reference_vae(config, seed=9)
     enc = VaeEncoder(config)
-    enc.load_hf_state_dict(ref.state_dict())
+    load_weights(enc, ref.state_dict())
     x = random_images(1, 1024, 1024)
     with torch.no_grad():
         assert rel_err(enc(x), ref.encode(x).latent_dist.parameters) <= 1e-5
 
 
 def test_group_norm_statistics_hold_on_large_offset_maps():
-    from sdvae.groupnorm import exact_group_norm as group_norm
+    from sdvae.fast.groupnorm import exact_group_norm as group_norm
 
     norm = torch.nn.GroupNorm(32, 128, eps=1e-6)
     x = (torch.randn(1, 128, 512, 512, generator=torch.Generator().manual_seed(0)) * 3 + 5)
@@ -123,15 +123,15 @@ def test_group_norm_statistics_hold_on_large_offset_maps():
 @pytest.mark.parametrize("band_pixels", [1, 150])  # one row per band; bands of a few rows that do not divide H
 @pytest.mark.parametrize("batch", [1, 2])
 def test_resnets_by_row_bands_match_diffusers(family, band_pixels, batch, monkeypatch):
-    """Inference runs each resnet by row bands (sdvae.bands): halos, band edges and the in-place residual; float32
-    convs through Winograd (sdvae.winograd) in pieces of two rows."""
-    import sdvae.bands
-    import sdvae.winograd
+    """Inference runs each resnet by row bands (sdvae.fast.bands): halos, band edges and the in-place residual; float32
+    convs through Winograd (sdvae.fast.winograd) in pieces of two rows."""
+    import sdvae.fast.bands
+    import sdvae.fast.winograd
 
-    monkeypatch.setattr(sdvae.bands, "BAND_PIXELS", band_pixels)
-    monkeypatch.setattr(sdvae.winograd, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(sdvae.winograd, "MIN_WORK", 0)
-    monkeypatch.setattr(sdvae.winograd, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(sdvae.fast.bands, "BAND_PIXELS", band_pixels)
+    monkeypatch.setattr(sdvae.fast.winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(sdvae.fast.winograd, "MIN_WORK", 0)
+    monkeypatch.setattr(sdvae.fast.winograd, "WORKSPACE_BYTES", 1)
     config = VaeConfig.preset(family).replace(norm_num_groups=8, block_out_channels=(16, 32, 32, 32))
     ref = reference_vae(config, dtype=torch.float64)
     enc, dec = loaded_from(ref, config, torch.float64)

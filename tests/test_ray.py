@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
-
 from inputs import mixed_inputs
+from ray.cluster_utils import Cluster
 from reference import rel_err
+
 from sdvae import LatentDataset
-from sdvae.job import Runtime, Settings, encode_dataset
-from sdvae.storage import LocalStore, OutputInUse
+from sdvae.data.encode import encode_dataset
+from sdvae.data.job import Runtime, Settings
+from sdvae.data.ray_engine import RayEngine
+from sdvae.data.store import LocalStore, OutputInUse
 
 SETTINGS = Settings(resolution=64, max_pixels=10**6, flip=True)
 
@@ -64,17 +66,17 @@ def test_ray_engine_on_a_local_instance_equals_the_local_engine(model, inputs, l
     try:
         for actors, cpus in ((1, 1.0), (2, 0.5)):
             out = tmp_path / f"ray{actors}"
-            counts = encode_dataset(inputs, str(model), out, SETTINGS, shard_size=3, engine="ray",
-                                    ray_actors=actors, ray_actor_cpus=cpus, runtime=Runtime(batch_size=2))
+            engine = RayEngine(Runtime(batch_size=2), actors=actors, actor_cpus=cpus)
+            counts = encode_dataset(inputs, str(model), out, SETTINGS, engine=engine, shard_size=3)
             assert counts == {"encoded": 13, "failed": 4, "skipped": 0, "failed_before": 0}
             assert_same_dataset(out, local)
         with pytest.raises(ValueError, match="leave no CPU"):
-            encode_dataset(inputs, str(model), tmp_path / "full", SETTINGS, engine="ray", ray_actors=2)
+            encode_dataset(inputs, str(model), tmp_path / "full", SETTINGS, engine=RayEngine(actors=2))
         with pytest.raises(ValueError, match="need as many GPUs"):
-            encode_dataset(inputs, str(model), tmp_path / "gpu", SETTINGS, engine="ray", runtime=Runtime(device="cuda"))
+            encode_dataset(inputs, str(model), tmp_path / "gpu", SETTINGS, engine=RayEngine(Runtime(device="cuda")))
         assert not (tmp_path / "full").exists() and not (tmp_path / "gpu").exists()
         with LocalStore(tmp_path / "held").writer_lock(), pytest.raises(OutputInUse, match="another run is writing"):
-            encode_dataset(inputs, str(model), tmp_path / "held", SETTINGS, engine="ray")  # the driver holds it
+            encode_dataset(inputs, str(model), tmp_path / "held", SETTINGS, engine=RayEngine())  # the driver holds it
     finally:
         ray.shutdown()
 
@@ -86,8 +88,8 @@ def test_ray_engine_on_a_two_node_cluster_equals_the_local_engine(model, inputs,
     cluster.wait_for_nodes()
     try:
         out = tmp_path / "cluster"
-        encode_dataset(inputs, str(model), out, SETTINGS, shard_size=3, engine="ray", ray_address=cluster.address,
-                       ray_actors=2, ray_actor_cpus=1.0)
+        engine = RayEngine(address=cluster.address, actors=2, actor_cpus=1.0)
+        encode_dataset(inputs, str(model), out, SETTINGS, shard_size=3, engine=engine)
         assert_same_dataset(out, local)
     finally:
         ray.shutdown()

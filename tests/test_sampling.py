@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import loaded_from, random_images, reference_vae, rel_err
+
 from sdvae import DiagonalGaussian, VaeConfig
-from sdvae.config import PRESETS
-from sdvae.distribution import seeded_noise
+from sdvae.model.config import PRESETS
+from sdvae.model.distribution import seeded_noise
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 

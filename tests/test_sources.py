@@ -9,12 +9,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
-
 from inputs import image_bytes, mixed_inputs, webdataset_shard, write_parquet, write_tar
 from reference import rel_err
+
 from sdvae import LatentDataset
 from sdvae.cli import main
-from sdvae.sources import expand_braces, list_inputs
+from sdvae.data.sources import expand_braces, list_inputs
 
 
 def encode(*args) -> int:
@@ -162,7 +162,7 @@ def test_a_changed_tar_member_is_encoded_again_on_resume(model, tmp_path):
 
 
 def test_many_tars_are_listed_in_parallel_processes_with_the_serial_result(tmp_path, monkeypatch):
-    from sdvae import sources
+    from sdvae.data import sources
 
     for n in range(sources.PARALLEL_LISTING + 2):
         write_tar(tmp_path / "wds" / f"{n:05d}.tar", [(f"{n}.png", b"x"), (f"{n}.txt", b"caption %d" % n)])

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-import sdvae.groupnorm
-import sdvae.tiling
-import sdvae.winograd
 from reference import random_images, reference_vae, rel_err
-from sdvae import VaeConfig, VaeEncoder
+
+import sdvae.fast.groupnorm
+import sdvae.fast.winograd
+import sdvae.tiled.tiling
+from sdvae import VaeConfig, VaeEncoder, load_weights
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 # Every architecture variant of the family table; CogView at reduced width to keep float64 quick.
@@ -28,7 +28,7 @@ CONFIGS = {
 def encoder(request):
     config = CONFIGS[request.param]
     enc = VaeEncoder(config).double()
-    enc.load_hf_state_dict(reference_vae(config, seed=8).state_dict())
+    load_weights(enc, reference_vae(config, seed=8).state_dict())
     return enc
 
 
@@ -53,17 +53,17 @@ def test_recomputed_and_scratch_file_stages_equal_untiled(encoder, dtype, tile, 
     enc = encoder.to(dtype)
     x = random_images(2, 75, 53, dtype=dtype)
     where = {"m": "memory", "f": "files", "r": "recompute"}
-    plan = sdvae.tiling.TilePlan(tile, tuple(where[s] for s in stores[:len(enc.config.block_out_channels) + 1]))
+    plan = sdvae.tiled.tiling.TilePlan(tile, tuple(where[s] for s in stores[:len(enc.config.block_out_channels) + 1]))
     with torch.no_grad():
         want = enc(x)
-        got = sdvae.tiling.tiled_params(enc.encoder, enc.quant_conv, x, plan)
+        got = sdvae.tiled.tiling.tiled_params(enc.encoder, enc.quant_conv, x, plan)
     assert rel_err(got, want) <= TOLERANCE[dtype]
     assert not list(tmp_path.iterdir())  # scratch files are unlinked at once
 
 
 @pytest.mark.parametrize("stores", ["memory", "files", "recompute"])
 def test_schedule_reads_only_live_maps_and_frees_each_after_its_last_reader(encoder, stores):
-    from sdvae.tiling import encoder_nodes, inputs, schedule
+    from sdvae.tiled.tiling import encoder_nodes, inputs, schedule
 
     nodes = encoder_nodes(encoder.encoder)
     live, most = set(), 0
@@ -90,7 +90,7 @@ def test_tiles_run_without_autograd_and_refuse_a_call_it_would_record(encoder):
 
 @pytest.mark.parametrize("folder", ["/nonexistent/sdvae-scratch", "a-file"])
 def test_an_unreadable_scratch_folder_means_no_scratch_files(encoder, monkeypatch, caplog, tmp_path, folder):
-    from sdvae.planning import scratch_room, tiled_peak
+    from sdvae.tiled.budget import scratch_room, tiled_peak
 
     if folder == "a-file":
         folder = str(tmp_path / "a-file")
@@ -102,7 +102,8 @@ def test_an_unreadable_scratch_folder_means_no_scratch_files(encoder, monkeypatc
     enc = encoder.to(torch.float64)
     x = random_images(1, 96, 80, dtype=torch.float64)  # large enough that recomputing saves memory
     stages = len(enc.config.block_out_channels) + 1
-    budget = tiled_peak(enc.encoder, tuple(x.shape), x.dtype, sdvae.tiling.TilePlan(16, ("recompute",) * stages))[0]
+    plan = sdvae.tiled.tiling.TilePlan(16, ("recompute",) * stages)
+    budget = tiled_peak(enc.encoder, tuple(x.shape), x.dtype, plan)[0]
     with torch.no_grad(), caplog.at_level("INFO", logger="sdvae"):
         assert rel_err(enc(x, tile_size=16, max_memory=budget), enc(x)) <= 1e-12
     assert "recomputed" in caplog.text and "in scratch files" not in caplog.text
@@ -111,7 +112,7 @@ def test_an_unreadable_scratch_folder_means_no_scratch_files(encoder, monkeypatc
 def test_scratch_folder_expands_home_and_empty_means_the_temporary_folder(monkeypatch, tmp_path):
     import tempfile
 
-    from sdvae.activations import FileActivation, scratch_folder
+    from sdvae.tiled.maps import FileActivation, scratch_folder
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("SDVAE_SCRATCH", "~")
@@ -120,14 +121,14 @@ def test_scratch_folder_expands_home_and_empty_means_the_temporary_folder(monkey
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
     made = []
-    monkeypatch.setattr("sdvae.activations.os.unlink", made.append)
+    monkeypatch.setattr("sdvae.tiled.maps.os.unlink", made.append)
     FileActivation((1, 2, 3, 4), torch.float32, torch.device("cpu"))
     assert [Path(p).parent for p in made] == [tmp_path]
 
 
 def test_recomputed_stages_keep_only_what_must_be_whole(encoder):
     """A recomputed stage keeps its last output and the attention's input; a stored one keeps every output."""
-    from sdvae.tiling import encoder_nodes, schedule
+    from sdvae.tiled.tiling import encoder_nodes, schedule
 
     nodes = encoder_nodes(encoder.encoder)
     stages = len(encoder.config.block_out_channels) + 1
@@ -145,7 +146,7 @@ def test_pooled_tile_variances_would_fail_the_same_test(encoder, monkeypatch):
     x = random_images(1, 75, 53)
     with torch.no_grad():
         want = enc.encode(x)
-        monkeypatch.setattr(sdvae.groupnorm, "merge_stats", lambda a, b: (a[0] + b[0], (a[0] * a[1] + b[0] * b[1])
+        monkeypatch.setattr(sdvae.fast.groupnorm, "merge_stats", lambda a, b: (a[0] + b[0], (a[0] * a[1] + b[0] * b[1])
                                                                       / (a[0] + b[0]), a[2] + b[2]))
         pooled = enc.encode(x, tile_size=16)
     assert rel_err(pooled.mean, want.mean) > 100 * TOLERANCE[torch.float32]
@@ -169,8 +170,8 @@ def test_bad_tile_size_is_refused(bad):
 
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_blocked_online_softmax_attention_equals_full_attention(block):
-    from sdvae.activations import RamActivation
-    from sdvae.layers import Attention
+    from sdvae.model.network import Attention
+    from sdvae.tiled.maps import RamActivation
 
     torch.manual_seed(0)
     attention = Attention(64, 8).double()
@@ -180,13 +181,14 @@ def test_blocked_online_softmax_attention_equals_full_attention(block):
         x = torch.randn(2, 64, 5, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         want = attention(x.clone())
         got = RamActivation(x.clone())
-        sdvae.tiling.tiled_attention(attention, got, sdvae.tiling.whole_map_stats(got, 8, tile=2), block=block)
+        stats = sdvae.tiled.tiling.whole_map_stats(got, 8, tile=2)
+        sdvae.tiled.tiling.tiled_attention(attention, got, stats, block=block)
     got = got.tensor
     assert rel_err(got, want) <= 1e-12
 
 
 def test_memory_sizes_parse_and_bad_ones_are_named():
-    from sdvae.planning import parse_memory
+    from sdvae.tiled.budget import parse_memory
 
     assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("1.5 GB") == 1_500_000_000
     assert parse_memory(4096) == 4096 and parse_memory("800m") == 800_000_000
@@ -200,13 +202,13 @@ def test_memory_sizes_parse_and_bad_ones_are_named():
 
 
 def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, caplog, tmp_path, monkeypatch):
-    from sdvae.planning import tiled_peak, untiled_peak
+    from sdvae.tiled.budget import tiled_peak, untiled_peak
 
     monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path))
     enc = encoder.to(torch.float32)
     x = random_images(1, 96, 80)
     shape, stages = tuple(x.shape), len(enc.config.block_out_channels) + 1
-    tiled, _ = tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiling.TilePlan(32, ("files",) * stages))
+    tiled, _ = tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiled.tiling.TilePlan(32, ("files",) * stages))
     budget = untiled_peak(enc.config, shape, x.dtype) - 1  # just too little for untiled; tiles fit
     assert tiled < budget
     with torch.no_grad():
@@ -223,7 +225,7 @@ def test_too_large_for_the_budget_switches_to_tiles_with_a_log_line(encoder, cap
 def test_plans_try_large_tiles_with_stages_moved_off_memory_before_small_tiles(scratch, want, monkeypatch, tmp_path):
     """Fake estimates: 50, plus 100 per stage in memory, plus 100 for tiles over 64 px; a 450 budget then takes two
     stages off memory with 256 px tiles (not one with 64 px tiles), to scratch files where allowed, else recomputed."""
-    import sdvae.planning as planning
+    import sdvae.tiled.budget as planning
 
     def peak(encoder, shape, dtype, plan, device):
         memory = 50 + 100 * plan.stores.count("memory") + (100 if plan.tile > 64 else 0)
@@ -235,7 +237,7 @@ def test_plans_try_large_tiles_with_stages_moved_off_memory_before_small_tiles(s
     shape, cpu = (1, 3, 4096, 4096), torch.device("cpu")
     plan = planning.plan_tiling(None, config, shape, torch.float32, cpu, None, 450)
     where = {"m": "memory", "f": "files", "r": "recompute"}
-    assert plan == sdvae.tiling.TilePlan(256, tuple(where[s] for s in want))
+    assert plan == sdvae.tiled.tiling.TilePlan(256, tuple(where[s] for s in want))
     ending = " with scratch files" if scratch == "folder" else ", recomputed"
     with pytest.raises(MemoryError, match=f"even in tiles of 32 px{ending}, more than"):
         planning.plan_tiling(None, config, shape, torch.float32, cpu, None, 49)
@@ -245,17 +247,17 @@ def test_plans_try_large_tiles_with_stages_moved_off_memory_before_small_tiles(s
 def test_over_the_budget_stages_go_to_scratch_files_or_are_recomputed_exactly(encoder, scratch, caplog, tmp_path,
                                                                               monkeypatch):
     """Scratch files where the folder has room and they are allowed, else recomputed stages; the same result."""
-    from sdvae.planning import tiled_peak
+    from sdvae.tiled.budget import tiled_peak
 
     enc = encoder.to(torch.float64)
     x = random_images(1, 96, 80, dtype=torch.float64)
     shape, stages = tuple(x.shape), len(enc.config.block_out_channels) + 1
-    peak = {where: tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiling.TilePlan(16, (where,) * stages))[0]
+    peak = {where: tiled_peak(enc.encoder, shape, x.dtype, sdvae.tiled.tiling.TilePlan(16, (where,) * stages))[0]
             for where in ("memory", "files", "recompute")}
     assert peak["files"] <= peak["recompute"] < peak["memory"]
     monkeypatch.setenv("SDVAE_SCRATCH", "none" if scratch == "none" else str(tmp_path))
     if scratch == "full":
-        monkeypatch.setattr("sdvae.planning.shutil.disk_usage", lambda folder: SimpleNamespace(free=1000))
+        monkeypatch.setattr("sdvae.tiled.budget.shutil.disk_usage", lambda folder: SimpleNamespace(free=1000))
     with torch.no_grad():
         want = enc(x)
         with caplog.at_level("INFO", logger="sdvae"):
@@ -267,7 +269,7 @@ def test_over_the_budget_stages_go_to_scratch_files_or_are_recomputed_exactly(en
 
 
 def test_scratch_file_activation_reads_back_what_was_written():
-    from sdvae.activations import FileActivation
+    from sdvae.tiled.maps import FileActivation
 
     t = torch.randn(2, 5, 7, 9, dtype=torch.float64)
     for dtype in (torch.float64, torch.bfloat16):
@@ -285,7 +287,7 @@ def test_tiles_run_the_wide_float32_convs_through_winograd(monkeypatch):
     tile, and the result still equals the untiled encoder's."""
     from torch.profiler import profile
 
-    monkeypatch.setattr(sdvae.winograd, "MIN_WORK", 0)
+    monkeypatch.setattr(sdvae.fast.winograd, "MIN_WORK", 0)
     enc = VaeEncoder(VaeConfig(block_out_channels=(128, 256), layers_per_block=1, norm_num_groups=32)).eval()
     x = random_images(2, 42, 30)
     with torch.no_grad(), profile(record_shapes=True) as prof:

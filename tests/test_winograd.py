@@ -1,4 +1,4 @@
-"""Winograd's F(4x4, 3x3) (sdvae.winograd) against the float64 convolution: its matrices, bands, pieces, sizes
+"""Winograd's F(4x4, 3x3) (sdvae.fast.winograd) against the float64 convolution: its matrices, bands, pieces, sizes
 that are not multiples of the tile, sums."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import rel_err
 from torch import nn
 
-from reference import rel_err
-from sdvae import winograd
-from sdvae.bands import conv_into
+from sdvae.fast import winograd
+from sdvae.fast.bands import conv_into
 
 
 def band(channels: int, rows: int, width: int, seed: int) -> torch.Tensor:

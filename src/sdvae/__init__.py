@@ -1,15 +1,14 @@
 """sdvae: the Stable-Diffusion-family AutoencoderKL on plain PyTorch, numerically equal to diffusers."""
 
-__version__ = "0.1.0"
-
-from .config import VaeConfig
-from .dataset import LatentDataset
-from .decoder import VaeDecoder
-from .distribution import DiagonalGaussian
-from .encoder import VaeEncoder
+from ._version import __version__
+from .checkpoint.convert import DropReport, load_weights
+from .checkpoint.loading import load_decoder, load_encoder
+from .data.dataset import LatentDataset
 from .fast import fast_path
-from .loading import load_decoder, load_encoder
-from .weights import DropReport
+from .model.config import VaeConfig
+from .model.distribution import DiagonalGaussian
+from .vae.decoder import VaeDecoder
+from .vae.encoder import VaeEncoder
 
-__all__ = ["VaeConfig", "VaeEncoder", "VaeDecoder", "DiagonalGaussian", "LatentDataset", "DropReport",
-           "load_encoder", "load_decoder", "fast_path"]
+__all__ = ["__version__", "VaeConfig", "VaeEncoder", "VaeDecoder", "DiagonalGaussian", "LatentDataset",
+           "DropReport", "load_encoder", "load_decoder", "load_weights", "fast_path"]

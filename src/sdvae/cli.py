@@ -10,11 +10,12 @@ import signal
 import sys
 from pathlib import Path
 
-from .preprocess import DEFAULT_MAX_PIXELS
+from .data.prepare import DEFAULT_MAX_PIXELS
+from .util import COMPUTE_DTYPES
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .loading import open_checkpoint
+    from .checkpoint.loading import open_checkpoint
 
     ckpt = open_checkpoint(args.source, family=args.family)
     print(f"file:       {ckpt.path}")
@@ -44,17 +45,19 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from .job import Runtime, Settings, encode_dataset
+    from .data.encode import ENGINES, encode_dataset
+    from .data.job import Runtime, Settings
 
     settings = Settings(resolution=args.resolution, buckets=args.buckets, crop=args.crop, flip=args.flip,
                         seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels)
     runtime = Runtime(batch_size=args.batch_size, device=args.device, tile_size=args.tile_size,
                       max_memory=args.max_memory, compile=args.compile)
-    counts = encode_dataset(args.inputs, args.model, args.output, settings, family=args.family, runtime=runtime,
-                            workers=_workers(args), shard_size=args.shard_size, resume=args.resume,
-                            overwrite=args.overwrite, image_column=args.image_column,
-                            caption_column=args.caption_column, engine=args.engine, ray_address=args.ray_address,
-                            ray_actors=args.ray_actors, ray_actor_cpus=args.ray_actor_cpus)
+    options = ({"workers": _workers(args)} if args.engine == "local" else
+               {"address": args.ray_address, "actors": args.ray_actors, "actor_cpus": args.ray_actor_cpus})
+    engine = ENGINES[args.engine](runtime, **options)
+    counts = encode_dataset(args.inputs, args.model, args.output, settings, engine=engine, family=args.family,
+                            shard_size=args.shard_size, resume=args.resume, overwrite=args.overwrite,
+                            image_column=args.image_column, caption_column=args.caption_column)
     failed = counts["failed"] + counts["failed_before"]
     print(f"encoded {counts['encoded']}, failed {counts['failed']}, already stored {counts['skipped']}"
           + (f", failed in an earlier run {counts['failed_before']}" if counts["failed_before"] else "")
@@ -65,10 +68,10 @@ def _encode(args: argparse.Namespace) -> int:
 def _decode(args: argparse.Namespace) -> int:
     import torch
 
-    from .dataset import LatentDataset
-    from .images import save_format, tensor_to_image
-    from .job import check_device
-    from .loading import load_decoder
+    from .checkpoint.loading import load_decoder
+    from .data.dataset import LatentDataset
+    from .data.images import save_format, tensor_to_image
+    from .data.job import check_device
 
     check_device(args.device)
     picture_format = save_format(args.out)
@@ -129,13 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--batch-size", type=int, default=8,
                         help="images per forward pass; same latents at any size (default: %(default)s)")
     encode.add_argument("--device", help="torch device (default: cuda when there is a GPU, else cpu)")
-    encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="compute dtype (default: %(default)s, exact). bfloat16: the mean within ~1e-2 relative "
-                             "error of float32, at 0.27x the float32 time on CPUs with AMX (0.86 s vs 3.20 s at 512 "
-                             "px, Intel Xeon), about 0.5x with AVX512_BF16 only (AMD EPYC) and on GPUs; emulated "
-                             "on other CPUs, where a conv takes 14x its float32 time (AVX2). float16 (GPUs) falls "
+    encode.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+                        help="compute dtype (default: %(default)s, exact). bfloat16: the mean within about 1e-2 "
+                             "of float32's, faster on CPUs with AMX or AVX512_BF16 and on GPUs, emulated and slower "
+                             "than float32 on other CPUs (bench/README.md has the figures). float16 (GPUs) falls "
                              "back to float32 on overflow")
-    encode.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    encode.add_argument("--store-dtype", choices=COMPUTE_DTYPES, default="float32",
                         help="dtype of the stored mean and logvar (default: %(default)s)")
     encode.add_argument("--family", help="family preset when the checkpoint does not say (sd15, sdxl, sd3, flux, ...)")
     encode.add_argument("--seed", type=int, default=0, help="seed for random crops (default: %(default)s)")

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .config import VaeConfig
-from .decoder import VaeDecoder
-from .distribution import seeded_noise
-from .encoder import VaeEncoder
-from .images import _pil, image_to_tensor, tensor_to_image
-from .keys import to_ldm
-from .loading import load_decoder, load_encoder
-from .scaling import scale_latents
+from .checkpoint.keys import to_ldm
+from .checkpoint.loading import load_decoder, load_encoder
+from .data.images import image_to_tensor, pillow, tensor_to_image
+from .model.config import VaeConfig
+from .model.distribution import seeded_noise
+from .model.scaling import scale_latents
+from .vae.decoder import VaeDecoder
+from .vae.encoder import VaeEncoder
 
 
 def write_random_checkpoint(path: Path, seed: int = 0) -> None:
@@ -32,7 +32,7 @@ def write_random_checkpoint(path: Path, seed: int = 0) -> None:
 
 def sample_images(size: tuple[int, int] = (128, 128)) -> dict[str, object]:
     """A few generated pictures: a colour gradient, rings, and a checkerboard of another aspect ratio."""
-    image_cls = _pil()
+    image_cls = pillow()
     h, w = size
     y, x = np.mgrid[0:h, 0:w] / max(h, w)
     gradient = np.stack([x, y, 1 - x], -1)

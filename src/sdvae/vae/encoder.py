@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import VaeConfig
-from .distribution import DiagonalGaussian
-from .layers import Encoder, Runner
-from .module import VaeModule
-from .planning import plan_tiling
-from .scaling import scale_latents
-from .tiling import TilePlan, tiled_params
+from ..model.config import VaeConfig
+from ..model.distribution import DiagonalGaussian
+from ..model.network import Encoder, Runner
+from ..model.scaling import scale_latents
+from ..tiled.budget import plan_tiling
+from ..tiled.tiling import TilePlan, tiled_params
+from .base import VaeModule
 
 
 class VaeEncoder(VaeModule):
@@ -25,7 +25,7 @@ class VaeEncoder(VaeModule):
         self.encoder = Encoder(config)
         n = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
-        self._channels_last()
+        self.to_channels_last()
 
     def _network(self, x: torch.Tensor, run: Runner) -> torch.Tensor:
         h = self.encoder(x, run)
@@ -40,10 +40,10 @@ class VaeEncoder(VaeModule):
                 max_memory: int | str | None = None) -> torch.Tensor:
         """Raw distribution parameters `[B, 2L, H/8, W/8]` (mean and logvar stacked on channels, unclamped).
 
-        `tile_size` (pixels) runs the exact tiled encoder: the same result in less memory (see `sdvae.tiling`).
+        `tile_size` (pixels) runs the exact tiled encoder: the same result in less memory (see `sdvae.tiled.tiling`).
         Without it, an input whose activations would not fit `max_memory` (bytes or "2GiB"; default: the memory
         free on the device) is encoded in tiles, with a log line saying so; where even that would not fit, the
-        full-size activations of the largest stages go to scratch files, or are recomputed (`sdvae.planning`).
+        full-size activations of the largest stages go to scratch files, or are recomputed (`sdvae.tiled.budget`).
         """
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
         if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):

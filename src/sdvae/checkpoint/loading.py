@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from .config import PRESETS, VaeConfig
-from .decoder import VaeDecoder
-from .encoder import VaeEncoder
+from ..model.config import PRESETS, VaeConfig
+from ..util import COMPUTE_DTYPES, SAFETENSORS_DTYPES, why_missing
+from ..vae.base import VaeModule
+from ..vae.decoder import VaeDecoder
+from ..vae.encoder import VaeEncoder
+from .convert import load_weights
 from .keys import KeyMap, map_keys
-from .module import VaeModule
-from .sources import why_missing
 
 log = logging.getLogger("sdvae")
 
@@ -41,7 +42,8 @@ FAMILY_MARKERS = {
 }
 # The family assumed where the weights fit several, and a warning says so.
 DEFAULT_FAMILY = {4: "sd15", 16: "flux"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in (*COMPUTE_DTYPES, "float64")}
+_SAFETENSORS_NAMES = {getattr(torch, name): short for short, name in SAFETENSORS_DTYPES.items()}
 _ARCH_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
                 "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
 
@@ -84,7 +86,7 @@ def _shape(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
 def _dtype(tensors: Mapping[str, Any], key: str) -> str:
     if isinstance(tensors, SafetensorsFile):
         return tensors.dtype(key)
-    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}.get(
+    return _SAFETENSORS_NAMES.get(
         tensors[key].dtype, str(tensors[key].dtype))
 
 
@@ -360,7 +362,7 @@ def _load(cls: type[M], source: str | Path, config: VaeConfig | dict | str | Pat
         raise ValueError(f"{ckpt.path}: holds no VAE {half}, only the {' and '.join(ckpt.halves)}")
     with torch.device("meta"):
         module = cls(ckpt.config).to(dtype)
-    report = module.load_hf_state_dict(ckpt.tensors, strict=strict, source=str(ckpt.path))
+    report = load_weights(module, ckpt.tensors, strict=strict, source=str(ckpt.path))
     module.load_report = report
     log.info("%s from %s (%s): %s", cls.__name__, ckpt.path, ckpt.config_origin, report.summary())
     module = module.to(device or "cpu").eval().requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Turn a checkpoint's tensors into one VAE half's state dict: rename, check shapes, report what was left."""
+"""Turn a checkpoint's tensors into one VAE half's weights: rename, check shapes and values, load, report what was
+left."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.config import VaeConfig
+from ..vae.base import VaeModule
+from ..vae.decoder import VaeDecoder
+from ..vae.encoder import VaeEncoder
 from .keys import is_conv_shaped_attention, map_keys
 
 
@@ -88,3 +93,32 @@ def convert_state_dict(
     report = DropReport(source=source, layout=keymap.layout, prefix=keymap.prefix, loaded=len(out),
                         dropped=tuple(dropped), foreign=tuple(foreign))
     return out, report
+
+
+def whole_vae_keys(config: VaeConfig) -> set[str]:
+    """Every state-dict key of a whole AutoencoderKL with this config (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return set(VaeEncoder(config).state_dict()) | set(VaeDecoder(config).state_dict())
+
+
+def load_weights(module: VaeModule, state_dict: Mapping[str, torch.Tensor], strict: bool = False,
+                 source: str = "state dict") -> DropReport:
+    """Load a `VaeEncoder`'s or `VaeDecoder`'s weights from any supported layout (`sdvae.checkpoint.keys`);
+    returns what was dropped.
+
+    Raises ValueError naming the keys when a tensor of this half is missing, mis-shaped or not finite; `strict`
+    also refuses keys that belong to no part of the VAE. The other half's keys are expected and only reported. A
+    module built on the meta device takes copies of the tensors as its parameters (never views of a memory-mapped
+    file), in its dtype, channels-last.
+    """
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    tensors, report = convert_state_dict(state_dict, expected, whole_vae_keys(module.config), strict=strict,
+                                         source=source)
+    on_meta = any(p.is_meta for p in module.parameters())
+    if on_meta:
+        layout = {4: torch.channels_last}
+        tensors = {k: v.to(dtype=module.dtype, memory_format=layout.get(v.ndim, torch.contiguous_format), copy=True)
+                   for k, v in tensors.items()}
+    module.load_state_dict(tensors, strict=True, assign=on_meta)
+    module.to_channels_last()
+    return report

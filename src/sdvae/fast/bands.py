@@ -5,13 +5,12 @@ conv2's output: four maps the size of x. Here each conv runs one band of output 
 reading a small buffer that holds its normalized input rows (one halo row above and below, zeros at the image's
 edges) and writing straight into its output map; conv2 adds into x in place. So x and conv1's output are the only
 full-size maps, and each buffer is still in cache when the conv reads it. In float32 the wide convs run as
-Winograd's F(4x4, 3x3) (`sdvae.winograd`), the rest through oneDNN. The GroupNorms use whole-map statistics
-(`sdvae.groupnorm`): the result equals the whole-map computation.
+Winograd's F(4x4, 3x3) (`sdvae.fast.winograd`), the rest through oneDNN. The GroupNorms use whole-map statistics
+(`sdvae.fast.groupnorm`): the result equals the whole-map computation.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
@@ -19,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..util import spans
 from . import winograd
+from .cpu import fused_sum
 from .groupnorm import Stats, group_stats, merge_all, norm_silu_rows
-from .util import spans
 
 BAND_PIXELS = 16384  # output pixels per band: large enough for full-speed convs, small enough for the cache
 
@@ -29,16 +29,6 @@ BAND_PIXELS = 16384  # output pixels per band: large enough for full-speed convs
 def band_spans(height: int, width: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges of about BAND_PIXELS pixels each."""
     return spans(height, max(1, BAND_PIXELS // width))
-
-
-@functools.cache
-def fused_sum(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's convolution with a fused sum runs in `dtype` on this CPU: float32 wherever oneDNN is; half
-    precision needs AVX-512 (BW/VL/DQ, or FP16) or AVX-NE-CONVERT, and raises on an AVX2-only CPU."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return {torch.float32: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-            torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}.get(dtype, False)
 
 
 def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) -> None:
@@ -61,7 +51,7 @@ def conv_into(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, add: bool) ->
 
 def conv3x3_runners(convs: Iterable[nn.Conv2d], x: torch.Tensor) -> list[Callable[..., None]]:
     """`run(band, out, add)` for each 3x3 conv of a resnet over `x`, as `conv_into` takes them: Winograd's F(4x4, 3x3)
-    where it is faster (`sdvae.winograd`: float32, wide convs, large maps), in the forward pass's workspace; else
+    where it is faster (`sdvae.fast.winograd`: float32, wide convs, large maps), in the forward pass's workspace; else
     oneDNN's."""
     workspace, pixels = winograd.shared(), x.shape[0] * x.shape[2] * x.shape[3]
     return [winograd.Conv3x3(conv, workspace) if winograd.suits(conv, pixels, x.dtype, x.device)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2 per (sample, group), float64
-STATS_CHUNK = 16384  # pixels per chunk of the squared-deviation pass (a row band of `sdvae.bands` in one go)
+STATS_CHUNK = 16384  # pixels per chunk of the squared-deviation pass (a row band of `sdvae.fast.bands` in one go)
 HALF_CHUNK = 1 << 19  # elements of a half-precision map normalized at once in float32 (2 MiB: about an L2 cache)
 HALF = (torch.float16, torch.bfloat16)
 

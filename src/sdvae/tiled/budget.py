@@ -1,5 +1,5 @@
 """How to encode an image within a memory budget: untiled, or exact tiles keeping each stage's activations in
-memory, in scratch files, or recomputing them (`sdvae.tiling`).
+memory, in scratch files, or recomputing them (`sdvae.tiled.tiling`).
 
 The tiled estimates walk the same schedule the tiled encoder runs, so they follow its kept outputs pass by pass.
 Scratch files go under `$SDVAE_SCRATCH` (else the system's temporary folder); `SDVAE_SCRATCH=none` forbids them,
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import winograd
-from .activations import scratch_folder
-from .bands import band_spans
-from .config import VaeConfig
+from ..fast import winograd
+from ..fast.bands import band_spans
+from ..model.config import VaeConfig
+from .maps import scratch_folder
 from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule
 
 log = logging.getLogger("sdvae")
@@ -85,7 +85,7 @@ def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dty
 def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device = torch.device("cpu")) -> int:
     """Estimated activation memory of the untiled encoder: on the CPU 2.1 first-block activations (a resnet by row
-    bands holds two, `sdvae.bands`; measured 2.03-2.10 at 1024-4096 px) and the Winograd workspace (the widest
+    bands holds two, `sdvae.fast.bands`; measured 2.03-2.10 at 1024-4096 px) and the Winograd workspace (the widest
     kernel and largest piece of a band), elsewhere four (whole maps); plus the attention's queries, keys, values
     and output."""
     b, _, h, w = shape

@@ -3,7 +3,7 @@
 Everything in the encoder is local except its GroupNorms and the mid-block attention. The encoder is seen as a
 list of nodes, one per conv (GroupNorm+SiLU in front, a residual added behind) plus the attention, and run as a
 schedule of passes: each pass sweeps the tiles of one node's output, keeps that output whole (in memory or in a
-scratch file, `sdvae.activations`) and/or accumulates its per-sample, per-group statistics for the next
+scratch file, `sdvae.tiled.maps`) and/or accumulates its per-sample, per-group statistics for the next
 GroupNorm, merged exactly across tiles (Chan's parallel formula, in float64). A tile is computed from the kept
 outputs it depends on, with the halo each conv needs, the GroupNorm+SiLU applied before the zero padding.
 
@@ -11,7 +11,7 @@ Per stage (a down block, or the mid block with the output conv) the plan either 
 or in files, or recomputes: it keeps only what must be whole (the stage's last output, the attention's input),
 and every pass recomputes the stage's prefix tile by tile from there: more compute, a fraction of the memory.
 The attention runs over blocks of rows (queries) and of tokens (keys) with an online softmax, so no N x N
-matrix is held. `sdvae.planning` chooses a plan from a memory budget.
+matrix is held. `sdvae.tiled.budget` chooses a plan from a memory budget.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast, winograd
-from .activations import FileActivation, RamActivation
-from .groupnorm import Stats, affine, group_stats, merge_all, normalize, recording
-from .layers import Attention, Downsample, Encoder, OutputHead, ResnetBlock
-from .util import spans
+from .. import fast
+from ..fast import winograd
+from ..fast.groupnorm import Stats, affine, group_stats, merge_all, normalize, recording
+from ..model.network import Attention, Downsample, Encoder, OutputHead, ResnetBlock
+from ..util import spans
+from .maps import FileActivation, RamActivation
 
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
@@ -269,7 +270,7 @@ def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
 
 def _conv(conv: nn.Conv2d, piece: torch.Tensor) -> torch.Tensor:
     """`conv` over `piece`, which holds the zero border: through Winograd's F(4x4, 3x3) on tiles where it gains
-    (`sdvae.winograd`, in the pass's workspace), else oneDNN's conv."""
+    (`sdvae.fast.winograd`, in the pass's workspace), else oneDNN's conv."""
     b, _, h, w = piece.shape
     pixels = b * (h - 2) * (w - 2)  # all that one transform of the kernel serves
     if not (fast.enabled() and winograd.suits(conv, pixels, piece.dtype, piece.device)):

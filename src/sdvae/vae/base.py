@@ -1,31 +1,20 @@
-"""What the encoder and decoder share: their config, input checks, weight loading and the float16 guard."""
+"""What the encoder and decoder share: their config, input checks, the fast-path switch and the float16 guard."""
 
 from __future__ import annotations
 
 import functools
-import re
 import warnings
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import fast, winograd
-from .config import VaeConfig
-from .layers import Runner
-from .weights import DropReport, convert_state_dict
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU computes bfloat16 natively (AVX512_BF16, AMX-BF16, Arm BF16); None where it cannot tell."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", info) is not None
+from .. import fast
+from ..fast import winograd
+from ..fast.cpu import cpu_has_native_bf16
+from ..model.config import VaeConfig
+from ..model.network import Runner
 
 
 @functools.cache
@@ -86,7 +75,7 @@ class VaeModule(nn.Module):
             _warn_slow_bfloat16()
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
 
-    def _channels_last(self) -> None:
+    def to_channels_last(self) -> None:
         """Store conv weights channels-last: with channels-last activations, the fast layout on CPU and GPU."""
         self.to(memory_format=torch.channels_last)
 
@@ -104,31 +93,3 @@ class VaeModule(nn.Module):
                       RuntimeWarning, stacklevel=3)
         params = {name: p.float() for name, p in self.named_parameters()}
         return torch.func.functional_call(self, params, (x.float(),), forward_kwargs or {}).to(torch.float16)
-
-    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False,
-                           source: str = "state dict") -> DropReport:
-        """Load weights from any supported layout (see `sdvae.keys`); returns what was dropped.
-
-        Raises ValueError naming the keys when a tensor of this half is missing or mis-shaped; `strict` also
-        refuses keys that belong to no part of the VAE. The other half's keys are expected and only reported.
-        """
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        tensors, report = convert_state_dict(state_dict, expected, whole_vae_keys(self.config), strict=strict,
-                                             source=source)
-        on_meta = any(p.is_meta for p in self.parameters())
-        if on_meta:  # the tensors become the parameters: copies, never views of a memory-mapped checkpoint file
-            layout = {4: torch.channels_last}
-            tensors = {k: v.to(dtype=self.dtype, memory_format=layout.get(v.ndim, torch.contiguous_format), copy=True)
-                       for k, v in tensors.items()}
-        self.load_state_dict(tensors, strict=True, assign=on_meta)
-        self._channels_last()
-        return report
-
-
-def whole_vae_keys(config: VaeConfig) -> set[str]:
-    """Every state-dict key of a whole AutoencoderKL with this config (built on the meta device: no memory)."""
-    from .decoder import VaeDecoder
-    from .encoder import VaeEncoder
-
-    with torch.device("meta"):
-        return set(VaeEncoder(config).state_dict()) | set(VaeDecoder(config).state_dict())

@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import VaeConfig
-from .distribution import seeded_noise
-from .scaling import scale_latents
-from .storage import LocalStore
+from ..model.config import VaeConfig
+from ..model.distribution import seeded_noise
+from ..model.scaling import scale_latents
+from ..util import SAFETENSORS_DTYPES
+from .store import LocalStore
 
 FORMAT = "sdvae-latents/1"
 MANIFEST = "manifest.json"
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_TORCH_DTYPES = {short: getattr(torch, name) for short, name in SAFETENSORS_DTYPES.items()}
 
 
 def settings_id(settings: dict[str, Any]) -> str:

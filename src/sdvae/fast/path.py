@@ -1,9 +1,9 @@
-"""The fast path: the network's layers (`sdvae.layers`) run by kernels that each equal the plain layer.
+"""The fast path: the network's layers (`sdvae.model.network`) run by kernels that each equal the plain layer.
 
-- GroupNorms from exact statistics (`sdvae.groupnorm`), GroupNorm+SiLU in one pass, in place where nothing reads
+- GroupNorms from exact statistics (`sdvae.fast.groupnorm`), GroupNorm+SiLU in one pass, in place where nothing reads
   the input again;
-- on the CPU in inference, resnets and downsamples by bands of rows (`sdvae.bands`), their wide float32 convs as
-  Winograd's F(4x4, 3x3) (`sdvae.winograd`);
+- on the CPU in inference, resnets and downsamples by bands of rows (`sdvae.fast.bands`), their wide float32 convs as
+  Winograd's F(4x4, 3x3) (`sdvae.fast.winograd`);
 - elsewhere (GPUs, torch.compile), resnets on whole maps with in-place SiLU and residual add.
 It is the default. `with sdvae.fast_path(False):` runs the plain network instead, as diffusers computes it: the
 reference the fast path is tested against, on any device.
@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..model.network import Attention, Downsample, OutputHead, ResnetBlock, call
 from . import bands
 from .groupnorm import exact_group_norm, in_place_ok
-from .layers import Attention, Downsample, OutputHead, ResnetBlock, call
 
 _ENABLED = contextvars.ContextVar("sdvae_fast_path", default=True)
 

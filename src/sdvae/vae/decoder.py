@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import VaeConfig
-from .layers import Decoder, Runner
-from .module import VaeModule
-from .scaling import unscale_latents
+from ..model.config import VaeConfig
+from ..model.network import Decoder, Runner
+from ..model.scaling import unscale_latents
+from .base import VaeModule
 
 
 class VaeDecoder(VaeModule):
@@ -20,7 +20,7 @@ class VaeDecoder(VaeModule):
         n = config.latent_channels
         self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else None
         self.decoder = Decoder(config)
-        self._channels_last()
+        self.to_channels_last()
 
     def _network(self, z: torch.Tensor, run: Runner) -> torch.Tensor:
         if self.post_quant_conv is not None:

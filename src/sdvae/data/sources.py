@@ -8,7 +8,6 @@ member header for a tar member, the file's size and mtime for a Parquet row), so
 
 from __future__ import annotations
 
-import errno
 import functools
 import itertools
 import logging
@@ -24,6 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from ..util import why_missing
 
 log = logging.getLogger("sdvae")
 
@@ -110,19 +111,6 @@ def expand_braces(spec: str) -> list[str]:
     else:
         return [spec]
     return [out for option in options for out in expand_braces(head + option + tail)]
-
-
-def why_missing(path: Path) -> str:
-    """Why a path that `Path.exists` finds missing cannot be read: a symbolic link loop, a link to nothing, or no
-    such file or folder."""
-    try:
-        path.stat()
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "a symbolic link loop (too many levels of symbolic links)"
-    if path.is_symlink():
-        return f"a symbolic link to {os.readlink(path)}, which does not exist"
-    return "no such file or folder"
 
 
 def _list_file(path: Path) -> list[str]:

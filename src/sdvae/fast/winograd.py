@@ -143,7 +143,7 @@ def _sizes(c_in: int, c_out: int, shapes: list[tuple[int, ...]]) -> list[int]:
 class Conv3x3:
     """`run(x, out, add)`: one 3x3 conv of stride 1 into `out` `[1, C_out, R, W]` (`out +=` with `add`), channels-
     last, over `x` `[1, C_in, R + 2, W]`, a band that holds its halo rows (zero rows at the image's edges: what
-    `sdvae.bands.conv_into` takes, padded with zero columns here), or `[1, C_in, R + 2, W + 2]`, a tile that holds
+    `sdvae.fast.bands.conv_into` takes, padded with zero columns here), or `[1, C_in, R + 2, W + 2]`, a tile that holds
     its zero border too. Convs sharing a workspace should run one after another: each switch transforms the kernel
     again."""
 

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 
-def _pil():
+def pillow():
+    """Pillow's `Image` module, or an ImportError that says how to install it."""
     try:
         from PIL import Image
     except ImportError:
@@ -25,13 +26,13 @@ def image_to_tensor(image) -> torch.Tensor:
 def tensor_to_image(x: torch.Tensor):
     """A `[3, H, W]` tensor in [-1, 1] as an RGB Pillow image (values outside are clipped)."""
     array = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return _pil().fromarray(array.permute(1, 2, 0).numpy(), "RGB")
+    return pillow().fromarray(array.permute(1, 2, 0).numpy(), "RGB")
 
 
 def save_format(path: str | Path) -> str:
     """The Pillow format that writes `path`, told by its suffix; ValueError naming the file where none does (checked
     before the work whose result it is to hold)."""
-    image = _pil()
+    image = pillow()
     found = image.registered_extensions().get(Path(path).suffix.lower())
     if found not in image.SAVE:
         raise ValueError(f"{path}: not the name of an image file Pillow writes (its suffix: .png, .jpg, .webp, ...)")

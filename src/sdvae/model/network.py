@@ -1,8 +1,8 @@
 """The AutoencoderKL network as diffusers computes it: plain torch modules, attribute names = its state-dict keys.
 
 Each network lists its layers in the order they run, by stage (`Encoder.stages`, `Decoder.stages`). `forward`
-runs that list, and the fast path (`sdvae.fast`) and the tiled encoder (`sdvae.tiling`) read the same list, so the
-structure is written here alone. `forward(x, run)` calls `run(layer, x)` for each layer: the plain call by
+runs that list, and the fast path (`sdvae.fast`) and the tiled encoder (`sdvae.tiled.tiling`) read the same list,
+so the structure is written here alone. `forward(x, run)` calls `run(layer, x)` for each layer: the plain call by
 default, the fast path's kernels when `sdvae.fast` passes its own.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import _pil
+from .images import pillow
 
 BUCKET_STEP = 64
 MAX_ASPECT = 4.0
@@ -49,7 +49,7 @@ def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     Raises ImageError for unreadable, truncated, empty or oversized (decompression bomb) files: over `max_pixels`,
     which replaces Pillow's own limit (89 MP with a warning, an error from 179 MP).
     """
-    image_cls = _pil()
+    image_cls = pillow()
     from PIL import ImageOps, UnidentifiedImageError
 
     pillow_limit, image_cls.MAX_IMAGE_PIXELS = image_cls.MAX_IMAGE_PIXELS, None  # ours, from the header, instead
@@ -73,7 +73,7 @@ def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
 
 def to_rgb(im):
     """8-bit RGB from any Pillow mode: 16/32-bit grey is rescaled, transparency composited on white."""
-    image_cls = _pil()
+    image_cls = pillow()
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -107,7 +107,7 @@ def prepare(im, target: tuple[int, int], crop: str = "center", rng: random.Rando
     Where the covering image would exceed MAX_COVER times the target (a long strip: 20000x10 pixels cover a 512
     square at 1024000x512), only the crop's region is resized: the same pixels up to rounding (+-1 in a few), in
     the target's memory."""
-    image_cls = _pil()
+    image_cls = pillow()
     tw, th = target
     scale = max(tw / im.width, th / im.height)
     rw, rh = max(tw, round(im.width * scale)), max(th, round(im.height * scale))

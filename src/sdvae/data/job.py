@@ -1,0 +1,260 @@
+"""The job of `sdvae encode`: its settings, the shards, and which of them to encode.
+
+Both engines share it. `open_job` lists the inputs and assigns each image to a shard by its position in the input
+order (never by scheduling), so a rerun maps every image to the same shard. A shard is written whole or not at all
+(latents and errors first, the metadata part last, each under a temporary name and renamed), so `resume=True` keeps
+the complete shards whose inputs are unchanged and files whole, and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..checkpoint.loading import open_checkpoint
+from ..util import COMPUTE_DTYPES, spans
+from .dataset import (
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    check_shard,
+    complete_shards,
+    file_sha256,
+    read_errors,
+    read_manifest,
+    read_shard_rows,
+    settings_id,
+    shard_name,
+    write_json,
+    write_jsonl,
+)
+from .prepare import DEFAULT_MAX_PIXELS
+from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, list_inputs
+from .store import LocalStore
+
+log = logging.getLogger("sdvae")
+
+STORE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
+SHARD_BYTES = 64 * 2**20
+
+
+def check_counts(**values: int | None) -> None:
+    """Refuse a count that is not a whole number of at least 1 (None stands for the default)."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the stored latents besides the model."""
+
+    resolution: int | None = None
+    buckets: bool = False
+    crop: str = "center"
+    flip: bool = False
+    seed: int = 0
+    dtype: str = "float32"
+    store_dtype: str = "float32"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        check_counts(resolution=self.resolution, max_pixels=self.max_pixels)
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels (one latent), got {self.resolution}")
+        for name, allowed in (("crop", ("center", "random")), ("dtype", COMPUTE_DTYPES),
+                              ("store_dtype", COMPUTE_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the encoder runs: these change speed and memory, never the latents."""
+
+    batch_size: int = 8
+    device: str | None = None  # None: CUDA when there is a GPU, else the CPU
+    tile_size: int | None = None
+    max_memory: int | str | None = None
+    compile: bool = False  # torch.compile the encoder (GPUs; each new batch shape compiles first)
+
+    def __post_init__(self) -> None:
+        check_counts(batch_size=self.batch_size, tile_size=self.tile_size)
+
+
+@dataclass
+class Job:
+    """A planned run: where it writes, what it promises (the manifest), every shard's items, and which to do."""
+
+    store: LocalStore
+    manifest: dict[str, Any]
+    settings: Settings
+    model_file: str
+    shards: list[list[Item]]
+    todo: list[int]
+
+    @property
+    def settings_id(self) -> str:
+        return self.manifest["settings_id"]
+
+
+def assign_shards(items: list[Item], per_shard: int) -> list[list[Item]]:
+    """Consecutive runs of `per_shard` items in input order: shard i always holds the same images."""
+    return [items[start:stop] for start, stop in spans(len(items), per_shard)]
+
+
+def open_job(inputs: list[str], model: str, store: LocalStore, settings: Settings, *, family: str | None = None,
+             shard_size: int | None = None, resume: bool = False, overwrite: bool = False,
+             image_column: str | None = None, caption_column: str | None = None) -> Job:
+    """List the inputs, check the output against the settings, write the manifest, and find the shards to do.
+
+    The caller holds the store's writer lock."""
+    items = list_inputs(inputs, image_column, caption_column)
+    if not items:
+        raise ValueError(f"no images in {' '.join(inputs)} (files, folders and lists are read for "
+                         f"{' '.join(sorted(FOLDER_SUFFIXES))})")
+    checkpoint = open_checkpoint(model, family=family)
+    if settings.resolution is None:
+        settings = replace(settings, resolution=checkpoint.config.sample_size)
+    config = checkpoint.config.to_diffusers()
+    shaping = {**asdict(settings), "model_sha256": file_sha256(checkpoint.path), "config": config}
+    manifest = {
+        "format": FORMAT, "sdvae_version": __version__, "settings_id": settings_id(shaping), "settings": shaping,
+        "model": {"source": str(model), "file": str(checkpoint.path.resolve()), "sha256": shaping["model_sha256"]},
+        "config": config, "family": checkpoint.config.family,
+        "scaling_factor": checkpoint.config.scaling_factor, "shift_factor": checkpoint.config.shift_factor,
+        "latents": "mean and logvar (clamped to [-30, 20]) of the VAE posterior, stored as " + settings.store_dtype,
+        "inputs": {"identified_by": INPUT_IDS},
+    }
+    _check_output(store, manifest, resume, overwrite)
+    write_json(store, MANIFEST, manifest)
+    store_bytes = STORE_DTYPES[settings.store_dtype].itemsize
+    latent_bytes = 2 * checkpoint.config.latent_channels * (settings.resolution // 8) ** 2 * store_bytes
+    per_shard = shard_size or max(1, SHARD_BYTES // (latent_bytes * (2 if settings.flip else 1)))
+    shards = assign_shards(items, per_shard)
+    todo = _shards_to_do(store, shards, manifest["settings_id"])
+    log.info("%d inputs in %d shards, %d shard(s) to encode into %s", len(items), len(shards), len(todo), store)
+    return Job(store, manifest, settings, manifest["model"]["file"], shards, todo)
+
+
+def refuse_foreign(store: LocalStore) -> dict[str, Any] | None:
+    """The output's sdvae manifest, or None where it has none; ValueError for a folder that holds anything else
+    (checked before the run creates anything there)."""
+    existing = read_manifest(store)
+    if existing is None:
+        if not store.is_empty():
+            raise ValueError(f"{store}: is not empty and not an sdvae dataset; choose an empty or new --output")
+        return None
+    if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+        raise ValueError(f"{store}: its {MANIFEST} is not one sdvae wrote (no format {FORMAT}); choose an empty or "
+                         "new --output")
+    return existing
+
+
+def _check_output(store: LocalStore, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Refuse an output that holds anything but an sdvae dataset, or latents that `resume`/`overwrite` do not
+    cover; `overwrite` removes the stored latents (only those), and a dataset that stores none yet starts over."""
+    existing = refuse_foreign(store)
+    if existing is None:
+        return
+    if overwrite:
+        for folder in ("metadata", "shards", "errors"):
+            for name in store.list(folder):
+                store.remove(f"{folder}/{name}")
+        store.remove("errors.jsonl")
+    elif not complete_shards(store):
+        return  # a run that stopped before its first shard: starting over loses nothing
+    elif existing.get("settings_id") != manifest["settings_id"]:
+        before = existing.get("settings", {})
+        changed = sorted(k for k, v in manifest["settings"].items() if before.get(k) != v)
+        raise ValueError(f"{store}: holds latents written with other settings ({', '.join(changed) or 'model'}); "
+                         "use another --output, or --overwrite to replace them")
+    elif not resume:
+        raise ValueError(f"{store}: already holds latents; pass --resume to continue, or --overwrite to start over")
+
+
+def _kept(store: LocalStore, index: int, items: list[Item], settings: str) -> bool:
+    """Whether complete shard `index` can be kept: it holds exactly `items`, unchanged since encoded, and its
+    files are whole and written with `settings` (else the reason is logged)."""
+    try:
+        rows = read_shard_rows(store, index)
+        stored = {(r["key"], r["input_id"]) for r in rows if not r["flipped"]}
+        stored |= {(e["key"], e.get("input_id")) for e in read_errors(store, [index])}
+        if stored != {(item.key, item.input_id) for item in items}:
+            return False
+        check_shard(store, index, rows, settings)
+    except (ShardError, ValueError, KeyError, TypeError) as e:  # (an errors part that is not JSON records)
+        log.warning("%s: encoding its %d input(s) again", e, len(items))
+        return False
+    return True
+
+
+def _shards_to_do(store: LocalStore, shards: list[list[Item]], settings: str) -> list[int]:
+    """The planned shards that are not complete with exactly their planned inputs, unchanged since encoded, in
+    whole files written with `settings`.
+
+    Complete shards that no longer match (an input changed, appeared or went away, or a file was lost, cut short or
+    written by another run) lose their metadata part first, so a kill during cleanup leaves them incomplete rather
+    than stale. Leftover temporary files go too.
+    """
+    done = set()
+    stale = 0
+    for index in complete_shards(store):
+        if index < len(shards) and _kept(store, index, shards[index], settings):
+            done.add(index)
+            continue
+        stale += index < len(shards)
+        store.remove(f"metadata/{shard_name(index)}.parquet")
+    for folder in ("shards", "errors"):
+        for name in store.list(folder):
+            index = name.split(".")[0]
+            if index.isdigit() and int(index) not in done:
+                store.remove(f"{folder}/{name}")
+    store.remove_temporaries()
+    if stale:
+        log.info("%d stored shard(s) no longer match their inputs or files: encoding them again", stale)
+    return [index for index in range(len(shards)) if index not in done]
+
+
+def finish_job(job: Job) -> dict[str, int]:
+    """Gather every complete shard's errors into errors.jsonl and record the totals in the manifest."""
+    shards = complete_shards(job.store)
+    errors = read_errors(job.store, shards)
+    write_jsonl(job.store, "errors.jsonl", errors)
+    stored = sum(1 for index in shards for row in read_shard_rows(job.store, index) if not row["flipped"])
+    totals = {"images": sum(map(len, job.shards)), "stored": stored, "failed": len(errors),
+              "shards": len(job.shards), "complete_shards": len(shards)}
+    write_json(job.store, MANIFEST, {**job.manifest, "totals": totals})
+    return totals
+
+
+def check_device(name: str | None, here: bool = True) -> None:
+    """Refuse a device that cannot encode before anything is written (torch would fail at the first batch): a name
+    torch does not know, `meta` (its tensors hold no data), and where the model runs `here`, a device this machine
+    lacks or cannot make a tensor on."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: a meta device holds no data (its tensors have shapes only), so it "
+                         "cannot encode; use cpu or cuda")
+    if not here:
+        return
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    try:
+        torch.ones(1, device=device).cpu()
+    except Exception as e:  # each backend fails its own way (NotImplementedError, RuntimeError, ImportError, ...)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # (torch's first sentence)
+        raise ValueError(f"--device {name}: torch cannot make a tensor there on this machine ({reason})") from None
+
+

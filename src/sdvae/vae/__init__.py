@@ -1,0 +1,1 @@
+"""The public modules, `VaeEncoder` and `VaeDecoder`: the network run on the fast path, tiled where memory asks."""
