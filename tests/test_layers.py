@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__import__("sdvae").__file__).parent
+ROOT = Path(__file__).resolve().parents[1] / "src" / "sdvae"  # read as files: an import cycle may not even load
 # lowest first; the package root (the public names), the CLI and the demo sit on top
 LAYERS = ("_version", "util", "model", "fast", "tiled", "vae", "checkpoint", "data", "top")
 
