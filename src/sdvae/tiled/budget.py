@@ -85,9 +85,9 @@ def activation_bytes(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dty
 def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device = torch.device("cpu")) -> int:
     """Estimated activation memory of the untiled encoder: on the CPU 2.1 first-block activations (a resnet by row
-    bands holds two, `sdvae.fast.bands`; measured 2.03-2.10 at 1024-4096 px) and the Winograd workspace (the widest
-    kernel and largest piece of a band), elsewhere four (whole maps); plus the attention's queries, keys, values
-    and output."""
+    bands holds two, `sdvae.fast.bands`; the margin is measured in bench/README.md) and the Winograd workspace (the
+    widest kernel and largest piece of a band), elsewhere four (whole maps); plus the attention's queries, keys,
+    values and output."""
     b, _, h, w = shape
     tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
     maps = 2.1 if device.type == "cpu" else 4
@@ -104,8 +104,8 @@ def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, p
     input, the kept outputs alive at each pass, plus the pass's tile temporaries (each computed node's output with
     its halo, and two input pieces) or the attention's keys, values and score blocks, and the Winograd workspace
     (the largest transformed kernel and piece so far: it only grows); plus SLACK_TILES first-level
-    tiles for what the model leaves out (statistics and read temporaries, allocator slack: measured peaks ran
-    0.15-0.3 GiB over the rest at 1024-4096 px with 256 px tiles, bench/README.md)."""
+    tiles for what the model leaves out (statistics and read temporaries, allocator slack; measured in
+    bench/README.md)."""
     nodes = encoder_nodes(encoder)
     shapes = output_shapes(nodes, shape)
     _, _, height, width = shape
