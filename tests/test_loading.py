@@ -441,5 +441,5 @@ def test_dtype_by_name_and_unsupported_dtypes(small_state, tmp_path):
     assert sdvae.load_encoder(path, config=SMALL, dtype="bfloat16").dtype == torch.bfloat16
     assert sdvae.load_decoder(path, config=SMALL, dtype="torch.float64").dtype == torch.float64
     for dtype in ("float", "int8", torch.complex64, torch.int32):
-        with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16, float64"):
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, float64"):
             sdvae.load_encoder(path, config=SMALL, dtype=dtype)
