@@ -12,24 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from sdvae.cli import main
 from sdvae.data.sources import _parquet_cells
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Eight good images."""
-    root = tmp_path_factory.mktemp("photos")
-    for i in range(8):
-        pixels = np.random.default_rng(i).integers(0, 256, (60 + 5 * i, 80, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"{i}.png")
-    return root
 
 
 def encode(*args) -> int:

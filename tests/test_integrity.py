@@ -9,12 +9,10 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 from reference import diffusers_to_ldm, random_images, reference_vae
 from safetensors.torch import load_file, save_file
 
@@ -22,16 +20,6 @@ import sdvae
 from sdvae import LatentDataset
 from sdvae.cli import main
 from sdvae.data.store import LOCK, LocalStore
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Eight good images of a few sizes."""
-    root = tmp_path_factory.mktemp("photos")
-    for i in range(8):
-        pixels = np.random.default_rng(i).integers(0, 256, (60 + 5 * i, 80, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"{i}.png")
-    return root
 
 
 def encode(*args) -> int:
