@@ -74,7 +74,12 @@ def test_ray_engine_on_a_local_instance_equals_the_local_engine(model, inputs, l
             encode_dataset(inputs, str(model), tmp_path / "full", SETTINGS, engine=RayEngine(actors=2))
         with pytest.raises(ValueError, match="need as many GPUs"):
             encode_dataset(inputs, str(model), tmp_path / "gpu", SETTINGS, engine=RayEngine(Runtime(device="cuda")))
-        assert not (tmp_path / "full").exists() and not (tmp_path / "gpu").exists()
+        tight = RayEngine(Runtime(max_memory="64MiB"), actors=1, actor_cpus=1.0)  # the driver checks the budget
+        with pytest.raises(ValueError, match=r"resolution 4096 \(4096x4096 targets, batches of 8\): encoding "
+                                             r"\[8, 3, 4096, 4096\] needs about .* more than the 64 MiB allowed"):
+            encode_dataset(inputs, str(model), tmp_path / "tight", Settings(resolution=4096, max_pixels=4096**2),
+                           engine=tight)
+        assert not any((tmp_path / name).exists() for name in ("full", "gpu", "tight"))
         with LocalStore(tmp_path / "held").writer_lock(), pytest.raises(OutputInUse, match="another run is writing"):
             encode_dataset(inputs, str(model), tmp_path / "held", SETTINGS, engine=RayEngine())  # the driver holds it
     finally:

@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--caption-column", help="Parquet column with captions (default: caption, text or txt)")
     encode.add_argument("--model", required=True, help="VAE checkpoint: file, diffusers/pipeline folder or hub id")
     encode.add_argument("--output", required=True, help="dataset folder to write")
-    encode.add_argument("--resolution", type=int, help="target side in pixels (default: the config's sample_size)")
+    encode.add_argument("--resolution", type=int,
+                        help="target side in pixels (default: the config's sample_size); refused before anything is "
+                             "written when a target's pixels exceed --max-pixels or it cannot be encoded within "
+                             "--max-memory")
     encode.add_argument("--buckets", action="store_true",
                         help="aspect-ratio buckets of area ~resolution^2, sides multiples of 64 "
                              "(default: square crops)")
@@ -146,13 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "model runs on the CPU, where it needs every core, else up to 4)")
     encode.add_argument("--shard-size", type=int, help="images per shard (default: about 64 MB of latents)")
     encode.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="larger images are refused as decompression bombs (default: %(default)s)")
+                        help="larger images are refused as decompression bombs, and larger --resolution "
+                             "targets (default: %(default)s)")
     encode.add_argument("--tile-size", type=int,
-                        help="encode in exact tiles of this many pixels: same latents, less memory")
+                        help="encode in exact tiles of this many pixels, same latents: alone, in the least memory "
+                             "tiles of that size allow (activations in scratch files in $SDVAE_SCRATCH, or "
+                             "recomputed where SDVAE_SCRATCH=none: slower than untiled); with --max-memory, in the "
+                             "fastest plan of that size within it")
     encode.add_argument("--max-memory",
-                        help="activation memory budget, e.g. 4GiB; larger images are encoded in exact tiles, "
-                             "with scratch files in $SDVAE_SCRATCH or recomputed stages (SDVAE_SCRATCH=none) "
-                             "where tiles alone do not fit (default: the memory free on the device)")
+                        help="memory budget of the encoder, e.g. 4GiB: the rise of resident memory while it runs "
+                             "stays within it; larger images are encoded in exact tiles, with scratch files in "
+                             "$SDVAE_SCRATCH or recomputed stages (SDVAE_SCRATCH=none) where tiles alone do not "
+                             "fit (default: the memory free on the device)")
     encode.add_argument("--compile", action="store_true",
                         help="run the encoder through torch.compile: for GPUs (on the CPU the default path is faster); "
                              "the first batch of each shape compiles")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from ..model.config import VaeConfig
 from .job import Job, Settings, check_counts, open_job, refuse_foreign
 from .local import LocalEngine
 from .ray_engine import RayEngine
@@ -17,6 +18,9 @@ from .store import open_store
 class Engine(Protocol):
     def check(self) -> None:
         """Refuse what cannot run (devices, a cluster too small) before anything is written."""
+
+    def check_memory(self, config: VaeConfig, settings: Settings, images: int) -> None:
+        """Refuse targets the engine's encoders cannot encode within their memory budget (after `check`)."""
 
     def run(self, job: Job) -> dict[str, int]:
         """Encode the job's to-do shards; returns the counts."""
@@ -39,5 +43,6 @@ def encode_dataset(inputs: list[str], model: str, output: str | Path, settings: 
     refuse_foreign(store)  # before the lock creates anything there
     with store.writer_lock():
         job = open_job(inputs, model, store, settings, family=family, shard_size=shard_size, resume=resume,
-                       overwrite=overwrite, image_column=image_column, caption_column=caption_column)
+                       overwrite=overwrite, image_column=image_column, caption_column=caption_column,
+                       check_memory=engine.check_memory)
         return engine.run(job)

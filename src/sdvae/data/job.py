@@ -9,6 +9,7 @@ the complete shards whose inputs are unchanged and files whole, and redoes the r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -16,6 +17,9 @@ import torch
 
 from .._version import __version__
 from ..checkpoint.loading import open_checkpoint
+from ..model.config import VaeConfig
+from ..model.network import Encoder
+from ..tiled.budget import plan_tiling
 from ..util import COMPUTE_DTYPES, spans
 from .dataset import (
     FORMAT,
@@ -32,7 +36,7 @@ from .dataset import (
     write_json,
     write_jsonl,
 )
-from .prepare import DEFAULT_MAX_PIXELS
+from .prepare import DEFAULT_MAX_PIXELS, make_buckets
 from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, list_inputs
 from .store import LocalStore
 
@@ -66,10 +70,21 @@ class Settings:
         check_counts(resolution=self.resolution, max_pixels=self.max_pixels)
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels (one latent), got {self.resolution}")
+        if self.resolution is not None:
+            pixels = self.resolution ** 2  # about a bucket's area too: the buckets are made only where it fits
+            if pixels <= self.max_pixels:
+                pixels = max(w * h for w, h in self.targets())
+            if pixels > self.max_pixels:
+                raise ValueError(f"resolution {self.resolution} makes targets of {pixels} pixels, over max_pixels "
+                                 f"{self.max_pixels}")
         for name, allowed in (("crop", ("center", "random")), ("dtype", COMPUTE_DTYPES),
                               ("store_dtype", COMPUTE_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def targets(self) -> list[tuple[int, int]]:
+        """The (width, height) of every target an image may be cropped to: the buckets, or the square."""
+        return make_buckets(self.resolution) if self.buckets else [(self.resolution, self.resolution)]
 
 
 @dataclass(frozen=True)
@@ -109,10 +124,12 @@ def assign_shards(items: list[Item], per_shard: int) -> list[list[Item]]:
 
 def open_job(inputs: list[str], model: str, store: LocalStore, settings: Settings, *, family: str | None = None,
              shard_size: int | None = None, resume: bool = False, overwrite: bool = False,
-             image_column: str | None = None, caption_column: str | None = None) -> Job:
+             image_column: str | None = None, caption_column: str | None = None,
+             check_memory: Callable[[VaeConfig, Settings, int], None] | None = None) -> Job:
     """List the inputs, check the output against the settings, write the manifest, and find the shards to do.
 
-    The caller holds the store's writer lock."""
+    `check_memory(config, settings, images)` (an engine's) refuses targets its encoders cannot encode within their
+    memory budget, before anything is written. The caller holds the store's writer lock."""
     items = list_inputs(inputs, image_column, caption_column)
     if not items:
         raise ValueError(f"no images in {' '.join(inputs)} (files, folders and lists are read for "
@@ -120,6 +137,8 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     checkpoint = open_checkpoint(model, family=family)
     if settings.resolution is None:
         settings = replace(settings, resolution=checkpoint.config.sample_size)
+    if check_memory is not None:
+        check_memory(checkpoint.config, settings, len(items))
     config = checkpoint.config.to_diffusers()
     shaping = {**asdict(settings), "model_sha256": file_sha256(checkpoint.path), "config": config}
     manifest = {
@@ -230,6 +249,26 @@ def finish_job(job: Job) -> dict[str, int]:
               "shards": len(job.shards), "complete_shards": len(shards)}
     write_json(job.store, MANIFEST, {**job.manifest, "totals": totals})
     return totals
+
+
+def check_memory(config: VaeConfig, settings: Settings, runtime: Runtime, images: int, device: str,
+                 free_memory: bool = True) -> None:
+    """Refuse, naming the resolution and the budget, targets that the encoder on `device` cannot encode in batches
+    of up to `runtime.batch_size` (at most `images` of them, twice with flips) within `runtime.max_memory`, else
+    what is free on the device here; without `free_memory` (another machine encodes) only a given `max_memory` is
+    checked."""
+    if runtime.max_memory is None and not free_memory:
+        return
+    batch = min(runtime.batch_size, images * (2 if settings.flip else 1))
+    with torch.device("meta"):
+        encoder = Encoder(config)
+    for width, height in sorted(settings.targets(), key=lambda size: -size[0] * size[1]):
+        try:
+            plan_tiling(encoder, config, (batch, 3, height, width), getattr(torch, settings.dtype),
+                        torch.device(device), runtime.tile_size, runtime.max_memory)
+        except MemoryError as e:
+            raise ValueError(f"resolution {settings.resolution} ({width}x{height} targets, batches of {batch}): "
+                             f"{e}, or lower batch_size") from None
 
 
 def check_device(name: str | None, here: bool = True) -> None:

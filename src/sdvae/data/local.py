@@ -8,8 +8,11 @@ import multiprocessing
 from collections import deque
 from collections.abc import Iterator
 
+import torch
+
+from ..model.config import VaeConfig
 from .dataset import write_shard_data, write_shard_marker
-from .job import Job, Runtime, check_device
+from .job import Job, Runtime, Settings, check_device, check_memory
 from .prepare import Prepared
 from .progress import Tally
 from .shard import ShardEncoder, prepare_shard
@@ -25,6 +28,11 @@ class LocalEngine:
     def check(self) -> None:
         """Refuse a device this machine lacks, before anything is written."""
         check_device(self.runtime.device)
+
+    def check_memory(self, config: VaeConfig, settings: Settings, images: int) -> None:
+        """Refuse targets the encoder cannot encode within `runtime.max_memory`, else the memory free here."""
+        device = self.runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_memory(config, settings, self.runtime, images, device)
 
     def run(self, job: Job) -> dict[str, int]:
         """Prepare, encode and write the to-do shards in order; returns the run's counts."""

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from ..model.config import VaeConfig
 from .dataset import write_shard_data, write_shard_marker
-from .job import Job, Runtime, Settings, check_counts, check_device
+from .job import Job, Runtime, Settings, check_counts, check_device, check_memory
 from .progress import Tally
 from .shard import ShardEncoder, prepare_shard
 from .store import open_store
@@ -108,6 +109,11 @@ class RayEngine:
                              f"{cpus:g} for reading and decoding images; lower --ray-actors or --ray-actor-cpus")
         log.info("ray: %d actor(s) on %s; the cluster has %g CPU(s), %d GPU(s)", self.actors, self.device, cpus,
                  gpus)
+
+    def check_memory(self, config: VaeConfig, settings: Settings, images: int) -> None:
+        """Refuse targets an actor cannot encode within a given `runtime.max_memory` (after `check`; the memory
+        free on the nodes is not known here)."""
+        check_memory(config, settings, self.runtime, images, self.device, free_memory=False)
 
     def run(self, job: Job) -> dict[str, int]:
         """Run the job's to-do shards on the cluster (after `check`); paths go to the workers absolute."""

@@ -20,9 +20,10 @@ from torch import nn
 
 from ..fast import winograd
 from ..fast.bands import band_spans
+from ..fast.groupnorm import STATS_CHUNK
 from ..model.config import VaeConfig
 from .maps import scratch_folder
-from .tiling import ATTENTION_BLOCK, TilePlan, encoder_nodes, output_shapes, schedule
+from .tiling import ATTENTION_BLOCK, TilePlan, attention_rows, encoder_nodes, inputs, output_shapes, schedule
 
 log = logging.getLogger("sdvae")
 
@@ -30,7 +31,8 @@ log = logging.getLogger("sdvae")
 _UNITS = {"": 1, "b": 1} | {f"{p}{b}": 1000 ** (i + 1) for i, p in enumerate("kmgt") for b in ("", "b")} | {
     f"{p}i{b}": 1024 ** (i + 1) for i, p in enumerate("kmgt") for b in ("", "b")}
 AUTO_TILES = (256, 128, 64, 32)  # pixels: the largest run convs at full speed, the smallest bound temporaries
-SLACK_TILES = 6  # first-level tiles of memory the estimate adds for what it does not model (see tiled_peak)
+LIBRARY_BYTES = 32 << 20  # what the conv and GEMM libraries hold besides tensors (see tiled_peak)
+SLACK = 0.5  # of a pass's temporaries, for the allocator's fragments (see tiled_peak)
 
 
 def parse_memory(value: int | str) -> int:
@@ -87,7 +89,7 @@ def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
     """Estimated activation memory of the untiled encoder: on the CPU 2.1 first-block activations (a resnet by row
     bands holds two, `sdvae.fast.bands`; the margin is measured in bench/README.md) and the Winograd workspace (the
     widest kernel and largest piece of a band), elsewhere four (whole maps); plus the attention's queries, keys,
-    values and output."""
+    values and output, and LIBRARY_BYTES."""
     b, _, h, w = shape
     tokens = b * (h // config.downsample_factor) * (w // config.downsample_factor)
     maps = 2.1 if device.type == "cpu" else 4
@@ -95,47 +97,58 @@ def untiled_peak(config: VaeConfig, shape: tuple[int, ...], dtype: torch.dtype,
     levels = [(c, h >> i, w >> i) for i, c in enumerate(config.block_out_channels)]
     workspace = max([0] + [winograd.workspace_bytes(c, c, band_spans(rows, width)[0][1], width, dtype.itemsize)
                            for c, rows, width in levels if winograd.gains(c, c, b * rows * width, dtype, device)])
-    return int(maps * activation_bytes(config, shape, dtype)) + attention + workspace
+    return int(maps * activation_bytes(config, shape, dtype)) + attention + workspace + LIBRARY_BYTES
 
 
 def tiled_peak(encoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, plan: TilePlan,
                device: torch.device = torch.device("cpu")) -> tuple[int, int]:
-    """Estimated (memory, scratch file) bytes of the tiled encoder at its fullest: the channels-last copy of the
-    input, the kept outputs alive at each pass, plus the pass's tile temporaries (each computed node's output with
-    its halo, and two input pieces) or the attention's keys, values and score blocks, and the Winograd workspace
-    (the largest transformed kernel and piece so far: it only grows); plus SLACK_TILES first-level
-    tiles for what the model leaves out (statistics and read temporaries, allocator slack; measured in
-    bench/README.md)."""
+    """Estimated (memory, scratch file) bytes of the tiled encoder at its fullest, pass by pass.
+
+    Memory: the channels-last copy of the input and LIBRARY_BYTES; the kept outputs alive at the pass; the
+    Winograd workspace (the largest transformed kernel and piece so far: it only grows), or the attention's keys
+    and values; and the pass's temporaries, made again for every tile or block, plus SLACK of them for the
+    allocator's fragments: for a sweep, each computed node's output tile with its halo (and its shortcut's), the
+    largest padded input piece, the pieces read from scratch files and a chunk of statistics; for the attention, a
+    block of scores and four of queries.
+    LIBRARY_BYTES and SLACK cover what measured peaks held beyond the rest (`bench/budget.py`, bench/README.md):
+    buffers that the GEMM and conv libraries keep, and fragments of the C heap.
+    """
     nodes = encoder_nodes(encoder)
     shapes = output_shapes(nodes, shape)
-    _, _, height, width = shape
-    first_tile = shape[0] * nodes[0].conv.out_channels * (min(plan.tile, height) + 4) * (min(plan.tile, width) + 4)
-    fixed = (math.prod(shape) + SLACK_TILES * first_tile) * dtype.itemsize  # the input's copy, and the slack
+    fixed = math.prod(shape) * dtype.itemsize + LIBRARY_BYTES
     live: dict[int, tuple[str, int]] = {}
     memory = files = workspace = 0
     for p in schedule(nodes, plan.stores):
         b, c, h, w = shapes[p.target]
+        in_files = {j for j, (where, _) in live.items() if where == "files"}  # read tile by tile into new tensors
         if p.into is not None:
             live[p.target] = live.pop(p.into)
         elif p.store is not None:
             live[p.target] = (p.store, math.prod(shapes[p.target]) * dtype.itemsize)
+        once = 0  # bytes of the keys and values, made once in the pass
         if nodes[p.target].attention is not None:
-            n = h * w
-            temporaries = b * (2 * n * c + 2 * min(n, ATTENTION_BLOCK) ** 2 + 4 * min(n, ATTENTION_BLOCK) * c)
+            n, block = h * w, min(h * w, ATTENTION_BLOCK)
+            queries = min(n, attention_rows(c, h, w) * w)
+            once = 2 * b * n * c * dtype.itemsize
+            temporaries = b * (queries * block + 4 * queries * c)
         else:  # a tile of each computed node, grown by the halos of the nodes after it (two pixels a conv, at most)
             halo = 2 * len(p.computed)
             sides = {k: (min(plan.side(nodes[k].level), shapes[k][2]) + halo,
                          min(plan.side(nodes[k].level), shapes[k][3]) + halo) for k in p.computed}
             pixels = {k: rows * columns for k, (rows, columns) in sides.items()}
-            temporaries = sum(b * nodes[k].conv.out_channels * pixels[k] for k in p.computed)
-            temporaries += 2 * max(b * nodes[k].conv.in_channels * pixels[k] for k in p.computed)
+            outputs = sum(b * nodes[k].conv.out_channels * pixels[k] * (2 if nodes[k].shortcut else 1)
+                          for k in p.computed)  # (and the shortcut's)
+            padded = max(b * nodes[k].conv.in_channels * pixels[k] for k in p.computed)
+            reads = sum(b * shapes[j][1] * pixels[k] for k in p.computed for j in inputs(nodes, k) if j in in_files)
+            stats = b * c * min(pixels[p.target], STATS_CHUNK) if p.stats else 0
+            temporaries = outputs + padded + reads + stats
             workspace = max([workspace] + [winograd.workspace_bytes(nodes[k].conv.in_channels,
                                                                     nodes[k].conv.out_channels, *sides[k],
                                                                     dtype.itemsize)
                                            for k in p.computed
                                            if winograd.suits(nodes[k].conv, b * pixels[k], dtype, device)])
         resident = sum(size for where, size in live.values() if where == "memory")
-        memory = max(memory, fixed + resident + temporaries * dtype.itemsize + workspace)
+        memory = max(memory, fixed + resident + once + workspace + int((1 + SLACK) * temporaries * dtype.itemsize))
         files = max(files, sum(size for where, size in live.values() if where == "files"))
         for j in p.free:
             live.pop(j, None)
@@ -146,10 +159,12 @@ def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], d
                 device: torch.device, tile_size: int | None, max_memory: int | str | None) -> TilePlan | None:
     """How to encode `shape` within `max_memory` (default: what is free): None for untiled, else a `TilePlan`.
 
-    Untiled when it fits and no tile size was asked for. Else the first plan that fits, trying stages from the
-    largest (the first) on: every stage in memory, then the first k stages in scratch files (where the scratch
-    folder has room) or recomputed; with the tile asked for, else tiles of 256 and 128 px, and only if none of
-    those fits 64 and 32 px (small tiles are slow). Raises MemoryError when nothing fits.
+    Plans are tried stages from the largest (the first) on: every stage in memory, then the first k stages in
+    scratch files (where the scratch folder has room) or recomputed. Without a tile size: untiled when it fits,
+    else the first plan that fits, in tiles of 256 and 128 px, and only if none of those fits 64 and 32 px (small
+    tiles are slow). With a tile size and `max_memory`: the first plan of that tile size that fits. With a tile size
+    alone: the plan of that tile size that needs the least memory. Raises MemoryError, naming the shape, the
+    estimate and the budget, when nothing fits: the encode would not keep to the budget.
     """
     budget = parse_memory(max_memory) if max_memory is not None else available_memory(device)
     need = untiled_peak(config, shape, dtype, device)
@@ -157,7 +172,7 @@ def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], d
         return None
     rounds = [(tile_size,)] if tile_size is not None else [AUTO_TILES[:2], AUTO_TILES[2:]]
     stages, room = len(config.block_out_channels) + 1, scratch_room()
-    smallest = None
+    least_memory, least = tile_size is not None and max_memory is None, None
     for tiles in rounds:
         for k in range(stages + 1):
             for where in ("files", "recompute") if k else ("memory",):
@@ -167,18 +182,22 @@ def plan_tiling(encoder: nn.Module, config: VaeConfig, shape: tuple[int, ...], d
                     memory, files = tiled_peak(encoder, shape, dtype, plan, device)
                     if files > room:
                         continue
-                    smallest = memory if smallest is None else min(smallest, memory)
-                    if memory <= budget:
+                    if least is None or memory < least[0]:
+                        least = memory, files, plan
+                    if memory <= budget and not least_memory:
                         _log_plan(shape, plan, need, budget, memory, files, tile_size)
                         return plan
-    raise MemoryError(f"encoding {list(shape)} needs about {_size(smallest)} even in tiles of "
-                      f"{rounds[-1][-1]} px{' with scratch files' if room else ', recomputed'}, more than the "
-                      f"{_size(budget)} allowed; raise max_memory or encode a smaller image")
+    memory, files, plan = least
+    if memory <= budget:  # (the least memory was asked for: the user chose the plan, so no log line)
+        return plan
+    raise MemoryError(f"encoding {list(shape)} needs about {_size(memory)} even in tiles of {plan.tile} px, "
+                      f"{describe(plan.stores)}, more than the {_size(budget)} allowed; raise max_memory or encode "
+                      "a smaller image")
 
 
 def _log_plan(shape: tuple[int, ...], plan: TilePlan, untiled: int, budget: int, memory: int, files: int,
               tile_size: int | None) -> None:
-    """Say why and how the image is tiled, unless it is just the tile size asked for, all in memory."""
+    """Say why and how a budget tiles the image, unless it is just the tile size asked for, all in memory."""
     where = f"{describe(plan.stores)} (about {_size(memory)} in memory{f', {_size(files)} on disk' if files else ''})"
     if tile_size is None:
         log.info("sdvae: %s needs about %s untiled, over the %s budget: encoding in exact tiles of %d px, %s",

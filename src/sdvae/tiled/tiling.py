@@ -27,7 +27,7 @@ from ..fast import winograd
 from ..fast.groupnorm import Stats, affine, group_stats, merge_all, normalize, recording
 from ..model.network import Attention, Downsample, Encoder, OutputHead, ResnetBlock
 from ..util import spans
-from .maps import FileActivation, RamActivation
+from .maps import FileActivation, RamActivation, release_freed_memory
 
 Activation = RamActivation | FileActivation
 Region = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
@@ -210,6 +210,7 @@ def _tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Ten
             maps[t] = out
         for j in p.free:
             del maps[j]
+        release_freed_memory()
     params = maps[len(nodes) - 1].tensor
     return params if quant_conv is None else quant_conv(params)
 
@@ -298,12 +299,21 @@ def whole_map_stats(x: Activation, groups: int, tile: int) -> Stats:
     return merge_all(group_stats(x.read(slice(r0, r1), slice(None)), groups) for r0, r1 in spans(x.shape[2], tile))
 
 
+def attention_rows(channels: int, height: int, width: int, block: int = ATTENTION_BLOCK) -> int:
+    """Rows of queries per block of the tiled attention: up to `block` tokens, and a block of scores (those queries
+    by `block` keys) no larger than the keys and values together, which bounds the attention's memory."""
+    tokens = height * width
+    return max(1, min(block, 2 * tokens * channels // min(block, tokens)) // width)
+
+
 def tiled_attention(attention: Attention, x: Activation, stats: Stats, block: int = ATTENTION_BLOCK) -> None:
-    """Single-head attention over all pixels of `x` (whose statistics are `stats`), by blocks of rows with an
-    online softmax; adds its output into `x`."""
+    """Single-head attention over all pixels of `x` (whose statistics are `stats`), by blocks of rows
+    (`attention_rows`) with an online softmax; adds its output into `x`. Holds the keys, the values and one block
+    of scores, computed in place in a buffer made once."""
     b, c, h, w = x.shape
     scale, shift = affine(attention.group_norm, stats, x.dtype)
-    row_blocks = [slice(r0, r1) for r0, r1 in spans(h, max(1, block // w))]
+    rows_per_block = attention_rows(c, h, w, block)
+    row_blocks = [slice(r0, r1) for r0, r1 in spans(h, rows_per_block)]
 
     def tokens(piece: torch.Tensor) -> torch.Tensor:
         return normalize(piece, scale, shift, silu=False).permute(0, 2, 3, 1).reshape(b, -1, c)
@@ -315,7 +325,9 @@ def tiled_attention(attention: Attention, x: Activation, stats: Stats, block: in
         start = rows.start * w
         keys[:, start:start + normed.shape[1]] = attention.to_k(normed)
         values[:, start:start + normed.shape[1]] = attention.to_v(normed)
+    release_freed_memory()
     key_blocks = spans(keys.shape[1], block)
+    buffer = keys.new_empty(b * min(rows_per_block, h) * w * min(block, h * w))
     for rows in row_blocks:
         piece = x.read(rows, slice(None))
         q = attention.to_q(tokens(piece))
@@ -323,12 +335,14 @@ def tiled_attention(attention: Attention, x: Activation, stats: Stats, block: in
         total = q.new_zeros(b, q.shape[1], 1)
         acc = q.new_zeros(b, q.shape[1], c)
         for k0, k1 in key_blocks:
-            scores = torch.bmm(q, keys[:, k0:k1].transpose(1, 2)).mul_(c ** -0.5)
+            scores = buffer[:b * q.shape[1] * (k1 - k0)].view(b, q.shape[1], k1 - k0)
+            torch.bmm(q, keys[:, k0:k1].transpose(1, 2), out=scores).mul_(c ** -0.5)
             new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
             correction = torch.exp(top - new_top)
-            p = torch.exp(scores.sub_(new_top))
-            total = total * correction + p.sum(-1, keepdim=True)
-            acc = acc * correction + torch.bmm(p, values[:, k0:k1])
+            p = scores.sub_(new_top).exp_()
+            total.mul_(correction).add_(p.sum(-1, keepdim=True))
+            acc.mul_(correction).baddbmm_(p, values[:, k0:k1])
             top = new_top
-        out = attention.to_out[0](acc / total).reshape(b, piece.shape[2], w, c).permute(0, 3, 1, 2)
-        x.write(rows, slice(None), piece + out)
+        out = attention.to_out[0](acc.div_(total)).reshape(b, piece.shape[2], w, c).permute(0, 3, 1, 2)
+        x.write(rows, slice(None), out.add_(piece))
+        release_freed_memory()

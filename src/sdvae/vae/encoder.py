@@ -40,10 +40,13 @@ class VaeEncoder(VaeModule):
                 max_memory: int | str | None = None) -> torch.Tensor:
         """Raw distribution parameters `[B, 2L, H/8, W/8]` (mean and logvar stacked on channels, unclamped).
 
-        `tile_size` (pixels) runs the exact tiled encoder: the same result in less memory (see `sdvae.tiled.tiling`).
-        Without it, an input whose activations would not fit `max_memory` (bytes or "2GiB"; default: the memory
-        free on the device) is encoded in tiles, with a log line saying so; where even that would not fit, the
-        full-size activations of the largest stages go to scratch files, or are recomputed (`sdvae.tiled.budget`).
+        `max_memory` (bytes or "2GiB"; default: the memory free on the device) bounds the peak rise of resident
+        memory during the call: an input whose activations would not fit is encoded in exact tiles (the same
+        result, `sdvae.tiled.tiling`), with a log line saying so; where even that would not fit, the full-size
+        activations of the largest stages go to scratch files, or are recomputed (`sdvae.tiled.budget`); where
+        nothing fits, MemoryError is raised before encoding. `tile_size` (pixels) tiles by itself: alone, in the
+        plan of that size that needs the least memory (activations in scratch files, or recomputed: slower); with
+        `max_memory`, in the fastest plan of that size that fits.
         """
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
         if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
