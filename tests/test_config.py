@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
 from sdvae import VaeConfig
 from sdvae.model.config import PRESETS
@@ -30,13 +30,15 @@ DIFFUSERS_KWARGS = {
     "cogview": dict(SD_ARCH, **NO_QUANT, block_out_channels=[128, 512, 1024, 1024], layers_per_block=3,
                     mid_block_add_attention=False, latent_channels=16, scaling_factor=1.0, shift_factor=0.0,
                     sample_size=1024),
+    "flux2": dict(SD_ARCH, latent_channels=32, sample_size=1024, patch_size=[2, 2], batch_norm_eps=1e-4),  # Flux2
 }
 
 
 def diffusers_config_dir(tmp_path, kwargs) -> str:
-    """The folder holding the config.json that diffusers itself writes for an AutoencoderKL with these arguments."""
+    """The folder holding the config.json that diffusers itself writes for an AutoencoderKL (AutoencoderKLFlux2 where
+    the arguments have a patch size) with these arguments."""
     with torch.device("meta"):  # the config is what is under test: skip allocating the weights
-        vae = AutoencoderKL(**kwargs)
+        vae = (AutoencoderKLFlux2 if "patch_size" in kwargs else AutoencoderKL)(**kwargs)
     vae.save_config(tmp_path)  # what save_pretrained writes as config.json
     return tmp_path
 

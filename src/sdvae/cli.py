@@ -22,11 +22,21 @@ def _info(args: argparse.Namespace) -> int:
     print(f"layout:     {ckpt.keymap.layout}" + (f" under {ckpt.keymap.prefix!r}" if ckpt.keymap.prefix else ""))
     print(f"parts:      {', '.join(ckpt.halves)}")
     print(f"dtype:      {', '.join(ckpt.dtypes)} on disk")
+    print(f"family:     {ckpt.config.family or 'unknown'}")
+    print(f"latents:    {_latent_shapes(ckpt.config)}")
     print(f"config:     {ckpt.config_origin}")
     for key, value in ckpt.config.to_diffusers().items():
         if not key.startswith("_") and not key.endswith("_types"):
             print(f"  {key}: {value}")
     return 0
+
+
+def _latent_shapes(config) -> str:
+    """The raw and the scaled latents' shapes, in words."""
+    f, c, p = config.downsample_factor, config.latent_channels, (config.patch_size or (1,))[0]
+    scaled = f"[{c * p * p}, H/{f * p}, W/{f * p}]"
+    return (f"[{2 * c}, H/{f}, W/{f}] raw (mean and logvar), {scaled} scaled"
+            + (f" ({p}x{p} patches, normalized by the bn statistics)" if p > 1 else ""))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -86,7 +96,8 @@ def _decode(args: argparse.Namespace) -> int:
         if not 0 <= index < len(dataset):
             raise ValueError(f"{args.dir}: index {index} is out of range (the dataset holds {len(dataset)} latents)")
         with torch.no_grad():
-            pictures.append(decoder.decode_with_scaling(dataset[index]["latent"][None].to(decoder.device))[0])
+            latent = dataset.scaling.unscale(dataset[index]["latent"][None])  # as the dataset scaled it
+            pictures.append(decoder.decode(latent.to(decoder.device))[0])
     height = max(p.shape[1] for p in pictures)
     grid = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, height - p.shape[1]), value=1.0) for p in pictures], 2)
     tensor_to_image(grid).save(args.out, picture_format)

@@ -16,7 +16,6 @@ from .checkpoint.loading import load_decoder, load_encoder
 from .data.images import image_to_tensor, pillow, tensor_to_image
 from .model.config import VaeConfig
 from .model.distribution import seeded_noise
-from .model.scaling import scale_latents
 from .vae.decoder import VaeDecoder
 from .vae.encoder import VaeEncoder
 
@@ -59,7 +58,7 @@ def run(out: Path) -> int:
         start = time.perf_counter()
         with torch.no_grad():
             dist = encoder.encode(x)
-            z = scale_latents(dist.sample(seed=0), encoder.config)
+            z = encoder.scaling.scale(dist.sample(seed=0))
             back = decoder.decode_with_scaling(z)
         seconds = time.perf_counter() - start
         tensor_to_image(back[0]).save(out / f"{name}.decoded.png")

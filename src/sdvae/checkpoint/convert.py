@@ -13,7 +13,7 @@ from ..model.config import VaeConfig
 from ..vae.base import VaeModule
 from ..vae.decoder import VaeDecoder
 from ..vae.encoder import VaeEncoder
-from .keys import is_conv_shaped_attention, map_keys
+from .keys import UNUSED, is_conv_shaped_attention, map_keys
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def convert_state_dict(
     keymap = map_keys(state_dict.keys())
     used = {keymap.names[k] for k in expected if k in keymap.names}
     dropped = [k for k in state_dict.keys() if k not in used]
-    recognised = {src for name, src in keymap.names.items() if name in vae_keys}
+    recognised = {src for name, src in keymap.names.items() if name in vae_keys or UNUSED.fullmatch(name)}
     foreign = [k for k in dropped if k not in recognised]
     out: dict[str, torch.Tensor] = {}
     missing, mismatched, not_finite = [], [], []

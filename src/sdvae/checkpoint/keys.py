@@ -1,6 +1,7 @@
 """Every checkpoint layout's key names, mapped onto diffusers' AutoencoderKL names. The one place for renaming.
 
-Layouts: diffusers (current and deprecated attention names), CompVis/LDM, each bare or under a `vae.` or
+Layouts: diffusers (current and deprecated attention names), CompVis/LDM, Black Forest Labs' FLUX.2 `ae.safetensors`
+(LDM names with the quant convs inside the halves, `bn.*` statistics), each bare or under a `vae.` or
 `first_stage_model.` prefix (whole pipeline or SD/SDXL checkpoints).
 """
 
@@ -14,7 +15,11 @@ from dataclasses import dataclass
 import torch
 
 PREFIXES = ("first_stage_model.", "vae.")
-HALVES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+HALVES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
+# Tensors of the VAE that inference never reads: they go into the load report, and strict loading accepts them.
+UNUSED = re.compile(r"bn\.num_batches_tracked")
+# FLUX.2's original names for the quant convs (flux2 `src/flux2/autoencoder.py`: the encoder and decoder hold them).
+_INNER_QUANT = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -28,7 +33,8 @@ class KeyMap:
     """How a checkpoint's keys read as diffusers keys.
 
     `names` maps each diffusers key to the source key that holds it; `prefix` is the prefix that was stripped
-    and `layout` is "diffusers" or "ldm" (with "+deprecated-attention" where those names were seen).
+    and `layout` is "diffusers", "ldm" or "bfl" (FLUX.2's; with "+deprecated-attention" where those names were
+    seen).
     """
 
     names: dict[str, str]
@@ -40,7 +46,9 @@ class KeyMap:
         """The name diffusers key `key` has in the checkpoint, or would have there (to name a missing tensor)."""
         if key in self.names:
             return self.names[key]
-        return self.prefix + (ldm_name(key, self.num_up) if self.layout.startswith("ldm") else key)
+        if self.layout.startswith("bfl"):
+            key = next((inner + key[len(top):] for inner, top in _INNER_QUANT.items() if key.startswith(top)), key)
+        return self.prefix + (ldm_name(key, self.num_up) if self.layout.startswith(("ldm", "bfl")) else key)
 
 
 def detect_prefix(keys: Iterable[str]) -> str:
@@ -104,6 +112,10 @@ def _rename(key: str, num_blocks: int, to_diffusers: bool) -> str:
     return key
 
 
+def _inner_quant(key: str) -> str:
+    return next((top + key[len(inner):] for inner, top in _INNER_QUANT.items() if key.startswith(inner)), key)
+
+
 def _deprecated_to_current(key: str) -> str:
     m = re.fullmatch(r"(.*mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.(\w+)", key)
     return f"{m[1]}{_DEPRECATED_ATTENTION[m[2]]}.{m[3]}" if m else key
@@ -120,6 +132,9 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
         ups = [int(m[1]) for k in inner if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
         num_up = max(ups) + 1 if ups else 0
         inner = {_rename(k, num_up, to_diffusers=True): src for k, src in inner.items()}
+        moved = {_inner_quant(k): src for k, src in inner.items()}
+        if moved.keys() != inner.keys():
+            layout, inner = "bfl", moved
     renamed = {_deprecated_to_current(k): src for k, src in inner.items()}
     if renamed.keys() != inner.keys():
         layout += "+deprecated-attention"

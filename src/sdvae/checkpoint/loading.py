@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..model.config import PRESETS, VaeConfig
+from ..model.config import CLASS_NAMES, PRESETS, VaeConfig
+from ..model.scaling import LatentScaling, LatentStats
 from ..util import COMPUTE_DTYPES, SAFETENSORS_DTYPES, why_missing
 from ..vae.base import VaeModule
 from ..vae.decoder import VaeDecoder
@@ -41,11 +42,13 @@ FAMILY_MARKERS = {
     "flux": ("model.diffusion_model.double_blocks.", "double_blocks."),
 }
 # The family assumed where the weights fit several, and a warning says so.
-DEFAULT_FAMILY = {4: "sd15", 16: "flux"}
+DEFAULT_FAMILY = {4: "sd15", 16: "flux", 32: "flux2"}
 DTYPES = {name: getattr(torch, name) for name in (*COMPUTE_DTYPES, "float64")}
 _SAFETENSORS_NAMES = {getattr(torch, name): short for short, name in SAFETENSORS_DTYPES.items()}
+# The fields that say which family a VAE is, whatever its widths (a family's scaling needs them to match).
+_IDENTITY_FIELDS = ("latent_channels", "use_quant_conv", "use_post_quant_conv", "patch_size")
 _ARCH_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-                "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+                "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "patch_size")
 
 
 class SafetensorsFile(Mapping):
@@ -144,10 +147,11 @@ def _sniff(path: Path) -> str | None:
 
 
 def _config_beside(weights: Path) -> tuple[VaeConfig, Path] | None:
-    """The diffusers AutoencoderKL config.json beside `weights` and its path, or None where there is none to use.
+    """The diffusers AutoencoderKL (or AutoencoderKLFlux2) config.json beside `weights` and its path, or None where
+    there is none to use.
 
-    Beside diffusers-named weights (`diffusion_pytorch_model.*`) config.json describes them: anything but an
-    AutoencoderKL config is an error. Beside another file it may be any model's (a download folder): one that is not
+    Beside diffusers-named weights (`diffusion_pytorch_model.*`) config.json describes them: anything but such a
+    config is an error. Beside another file it may be any model's (a download folder): one that is not
     an AutoencoderKL config is passed over with a warning naming it, and the config is read from the weights.
     """
     path = weights.parent / "config.json"
@@ -158,7 +162,7 @@ def _config_beside(weights: Path) -> tuple[VaeConfig, Path] | None:
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise ValueError(f"{path}: cannot read config: {e}") from e
     kind = data.get("_class_name", "AutoencoderKL") if isinstance(data, dict) else None
-    if kind == "AutoencoderKL":
+    if kind in CLASS_NAMES:
         try:
             return VaeConfig.from_diffusers(data), path
         except ValueError as e:
@@ -166,7 +170,8 @@ def _config_beside(weights: Path) -> tuple[VaeConfig, Path] | None:
     elif kind is None:
         problem = f"a JSON {type(data).__name__}, not an object"
     else:
-        problem = f"it names the model class {kind}, not AutoencoderKL (the Stable-Diffusion family's VAE)"
+        problem = (f"it names the model class {kind}, not {' or '.join(CLASS_NAMES)} (the VAEs of the "
+                   "Stable-Diffusion and FLUX families)")
     if weights.name in WEIGHT_NAMES:
         raise ValueError(f"{path}: not the diffusers AutoencoderKL config of {weights.name}: {problem}")
     warnings.warn(f"{path}: not a diffusers AutoencoderKL config ({problem}); passed over: the config of "
@@ -255,14 +260,17 @@ def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str,
         arch["out_channels"] = shape("decoder.conv_out.weight")[0]
         arch.setdefault("latent_channels", shape("decoder.conv_in.weight")[1])
         blocks = sorted({int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
-        arch.setdefault("block_out_channels", tuple(
-            shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks)))
+        widths = tuple(shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks))
+        if arch.setdefault("block_out_channels", widths) != widths:
+            arch["decoder_block_out_channels"] = widths  # (FLUX.2 klein's narrower decoder)
         arch.setdefault("layers_per_block",
                         len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
     for half, conv in (("encoder", "quant_conv"), ("decoder", "post_quant_conv")):
         if f"{half}.conv_in.weight" in names:  # either tensor says the conv is there (a missing one is an error)
             arch[f"use_{conv}"] = f"{conv}.weight" in names or f"{conv}.bias" in names
     arch["mid_block_add_attention"] = any(".mid_block.attentions.0." in k for k in names)
+    if any(k.startswith("bn.running_") for k in names):  # FLUX.2's latent statistics, of its 2x2 patches
+        arch["patch_size"] = (2, 2)
     return arch
 
 
@@ -279,6 +287,8 @@ def _infer_family(keys: list[str], arch: dict[str, Any]) -> tuple[str | None, li
         return marked[0], marked
     if len(fits) == 1:
         return fits[0], fits
+    if not fits and "patch_size" in arch:  # bn statistics: FLUX.2's alone, whatever the widths
+        return "flux2", ["flux2"]
     default = DEFAULT_FAMILY.get(arch.get("latent_channels"))
     return (default if default in fits else None), fits
 
@@ -303,6 +313,23 @@ class Checkpoint:
         """The tensor dtypes stored on disk for the VAE (e.g. ('F16',))."""
         return tuple(sorted({_dtype(self.tensors, src) for src in self.keymap.names.values()}))
 
+    def scaling(self) -> LatentScaling:
+        """The latent scaling of this VAE: the config's, with FLUX.2's `bn` statistics read from the file."""
+        if self.config.patch_size is None:
+            return LatentScaling.of(self.config)
+        stats = LatentStats(self.config.latent_channels * self.config.patch_size[0] ** 2)
+        for name, buffer in stats.named_buffers():
+            key = f"bn.{name}"
+            if key not in self.keymap.names:
+                raise ValueError(f"{self.path}: {self.keymap.source_key(key)} is missing: FLUX.2's latents are "
+                                 "normalized by the bn statistics")
+            tensor = self.tensors[self.keymap.names[key]]
+            if tensor.shape != buffer.shape or not torch.isfinite(tensor).all():
+                raise ValueError(f"{self.path}: {self.keymap.names[key]}: expected {list(buffer.shape)} finite "
+                                 f"values, found {list(tensor.shape)}")
+            buffer.copy_(tensor)
+        return LatentScaling.of(self.config, stats)
+
 
 def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path | None = None,
                     family: str | None = None) -> Checkpoint:
@@ -318,7 +345,7 @@ def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path
         cfg = config if isinstance(config, VaeConfig) else VaeConfig.from_diffusers(config)
         return Checkpoint(path, tensors, keymap, cfg, "config argument")
     if family is not None:
-        return Checkpoint(path, tensors, keymap, VaeConfig.preset(family), f"family={family!r}")
+        return Checkpoint(path, tensors, keymap, _family_config(path, tensors, keymap, family), f"family={family!r}")
     beside = _config_beside(path)
     if beside is not None:
         return Checkpoint(path, tensors, keymap, beside[0], str(beside[1]))
@@ -328,6 +355,9 @@ def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path
         raise ValueError(f"{path}: incomplete VAE: {keymap.source_key(e.args[0])} is missing "
                          "(as read from the other tensors' names)") from None
     name, candidates = _infer_family(keys, arch)
+    if "decoder_block_out_channels" in arch and name != "flux2":
+        raise ValueError(f"{path}: the decoder's widths {list(arch['decoder_block_out_channels'])} differ from the "
+                         f"encoder's {list(arch['block_out_channels'])}, which only FLUX.2's VAE allows; pass config=")
     if name is None:
         warnings.warn(f"{path}: the weights fit no known family; using scaling_factor "
                       f"{VaeConfig.scaling_factor} and shapes read from the weights. Pass config= if that is wrong.",
@@ -340,6 +370,25 @@ def open_checkpoint(source: str | Path, *, config: VaeConfig | dict | str | Path
                       f"assuming {name} (scaling_factor {cfg.scaling_factor}, shift_factor {cfg.shift_factor}). "
                       f"Pass family=... or config=... to choose.", stacklevel=3)
     return Checkpoint(path, tensors, keymap, cfg, f"inferred ({name}{'' if certain else ', assumed'})")
+
+
+def _family_config(path: Path, tensors: Mapping[str, Any], keymap: KeyMap, family: str) -> VaeConfig:
+    """The `family` preset with the widths and depth of the weights; refused (naming what differs) where their
+    shapes say another family."""
+    preset = VaeConfig.preset(family)
+    try:
+        arch = _infer_architecture(tensors, keymap)
+    except KeyError:
+        return preset  # (incomplete: loading names the missing tensor)
+    arch.setdefault("patch_size", preset.patch_size)  # (where bn is missing, loading names it)
+    wrong = [f for f in _IDENTITY_FIELDS if f in arch and arch[f] != getattr(preset, f)]
+    if wrong:
+        fits = _infer_family(list(tensors.keys()), arch)[1]
+        raise ValueError(f"{path}: not a {family} VAE: its weights have "
+                         f"{', '.join(f'{f} {arch[f]!r}' for f in wrong)}, where {family} has "
+                         f"{', '.join(f'{f} {getattr(preset, f)!r}' for f in wrong)}"
+                         f"{f'; they fit {chr(44).join(fits)}' if fits else ''}")
+    return preset.replace(**arch)
 
 
 M = TypeVar("M", bound=VaeModule)

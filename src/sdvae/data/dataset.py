@@ -25,7 +25,7 @@ import torch
 
 from ..model.config import VaeConfig
 from ..model.distribution import seeded_noise
-from ..model.scaling import scale_latents
+from ..model.scaling import LatentScaling
 from ..util import SAFETENSORS_DTYPES
 from .store import LocalStore
 
@@ -225,8 +225,9 @@ class LatentDataset(torch.utils.data.Dataset):
     """Reads a directory written by `sdvae encode` as a torch Dataset of dicts.
 
     Each item: `key`, `source`, `caption`, `original_size` (w, h), `crop` (l, t, r, b in the resized image),
-    `bucket` (w, h), `flipped`, `mean`, `logvar` and `latent`: `(sample - shift) * scale` with noise seeded by the
-    item's key, `seed` and the epoch (`set_epoch` for fresh noise), or the scaled mean with `mode=True`.
+    `bucket` (w, h), `flipped`, `mean`, `logvar` and `latent`: the sample, scaled as the family's pipeline does
+    (`sdvae.model.scaling`, as the manifest's `latent_scaling` says; FLUX.2's `[128, h/16, w/16]`), with noise seeded
+    by the item's key, `seed` and the epoch (`set_epoch` for fresh noise), or the scaled mean with `mode=True`.
     """
 
     def __init__(self, root: str | Path, mode: bool = False, seed: int = 0):
@@ -236,6 +237,8 @@ class LatentDataset(torch.utils.data.Dataset):
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{self.root}: not an sdvae latent dataset (no {MANIFEST} of format {FORMAT})")
         self.config = VaeConfig.from_diffusers(self.manifest["config"])
+        stored = self.manifest.get("latent_scaling")  # (manifests before FLUX.2 have none: the config says it)
+        self.scaling = LatentScaling.from_json(stored) if stored else LatentScaling.of(self.config)
         self.rows = []
         try:
             for index in complete_shards(store):
@@ -274,5 +277,5 @@ class LatentDataset(torch.utils.data.Dataset):
             "key": row["key"], "source": row["source"], "caption": row["caption"],
             "original_size": tuple(row["original_size"]), "crop": tuple(row["crop"]),
             "bucket": tuple(row["bucket"]), "flipped": row["flipped"],
-            "mean": mean, "logvar": logvar, "latent": scale_latents(z[None], self.config)[0],
+            "mean": mean, "logvar": logvar, "latent": self.scaling.scale(z[None])[0],
         }

@@ -137,6 +137,10 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     checkpoint = open_checkpoint(model, family=family)
     if settings.resolution is None:
         settings = replace(settings, resolution=checkpoint.config.sample_size)
+    multiple = checkpoint.config.latent_multiple
+    if any(side % multiple for target in settings.targets() for side in target):
+        raise ValueError(f"resolution {settings.resolution}: image sides must be multiples of {multiple} px for the "
+                         f"latents of this VAE ({checkpoint.config.family or 'family unknown'})")
     if check_memory is not None:
         check_memory(checkpoint.config, settings, len(items))
     config = checkpoint.config.to_diffusers()
@@ -146,6 +150,7 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
         "model": {"source": str(model), "file": str(checkpoint.path.resolve()), "sha256": shaping["model_sha256"]},
         "config": config, "family": checkpoint.config.family,
         "scaling_factor": checkpoint.config.scaling_factor, "shift_factor": checkpoint.config.shift_factor,
+        "latent_scaling": checkpoint.scaling().to_json(),
         "latents": "mean and logvar (clamped to [-30, 20]) of the VAE posterior, stored as " + settings.store_dtype,
         "inputs": {"identified_by": INPUT_IDS},
     }

@@ -1,4 +1,5 @@
-"""`VaeConfig`: one dataclass for both halves of an AutoencoderKL, with diffusers' field names."""
+"""`VaeConfig`: one dataclass for both halves of an AutoencoderKL (and FLUX.2's AutoencoderKLFlux2, the same network
+with its latents' statistics), with diffusers' field names."""
 
 from __future__ import annotations
 
@@ -15,11 +16,20 @@ _SUPPORTED_VALUES = {
     "up_block_types": "UpDecoderBlock2D",
     "act_fn": "silu",
 }
+# diffusers' class for each kind of config: FLUX.2's has patch_size (its latents are patchified and normalized).
+CLASS_NAMES = ("AutoencoderKL", "AutoencoderKLFlux2")
+_TRAINING_ONLY = ("batch_norm_momentum",)  # FLUX.2's BatchNorm update rate: no effect on inference
+_FLUX2_ONLY = frozenset({"decoder_block_out_channels", "patch_size", "batch_norm_eps"})
+_KL_ONLY = frozenset({"scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast"})
 
 
 @dataclass(frozen=True)
 class VaeConfig:
-    """Architecture and latent scaling of a Stable-Diffusion-family VAE (diffusers `AutoencoderKL` config)."""
+    """Architecture and latent scaling of a Stable-Diffusion-family VAE (diffusers `AutoencoderKL` config).
+
+    FLUX.2 (`AutoencoderKLFlux2`) adds `patch_size` (its latents are patchified, then normalized by the statistics
+    of the `bn` buffers, `batch_norm_eps`) and `decoder_block_out_channels` (a decoder narrower than the encoder).
+    """
 
     in_channels: int = 3
     out_channels: int = 3
@@ -36,10 +46,15 @@ class VaeConfig:
     mid_block_add_attention: bool = True
     force_upcast: bool = True
     sample_size: int = 512
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    patch_size: tuple[int, int] | None = None
+    batch_norm_eps: float = 1e-4
     family: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        for name in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None:
@@ -57,7 +72,12 @@ class VaeConfig:
         boc = self.block_out_channels
         if not boc or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in boc):
             raise ValueError(f"VaeConfig.block_out_channels must be a non-empty tuple of positive ints, got {boc!r}")
-        for c in boc:
+        dboc = self.decoder_block_out_channels
+        if dboc is not None and (len(dboc) != len(boc) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in dboc)):
+            raise ValueError(f"VaeConfig.decoder_block_out_channels must be None or {len(boc)} positive ints (one per "
+                             f"encoder block), got {dboc!r}")
+        for c in (*boc, *(dboc or ())):
             if c % self.norm_num_groups:
                 raise ValueError(
                     f"VaeConfig.block_out_channels entry {c} is not divisible by norm_num_groups={self.norm_num_groups}"
@@ -77,6 +97,13 @@ class VaeConfig:
                 )
         if self.latents_std is not None and any(s == 0 for s in self.latents_std):
             raise ValueError(f"VaeConfig.latents_std must not contain zeros, got {self.latents_std!r}")
+        ps = self.patch_size
+        if ps is not None and (not isinstance(ps, tuple) or len(ps) != 2 or ps[0] != ps[1]
+                               or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in ps)):
+            raise ValueError(f"VaeConfig.patch_size must be None or a square (p, p) of positive ints, got {ps!r}")
+        if not isinstance(self.batch_norm_eps, (int, float)) or isinstance(self.batch_norm_eps, bool) \
+                or self.batch_norm_eps < 0:
+            raise ValueError(f"VaeConfig.batch_norm_eps must be a number >= 0, got {self.batch_norm_eps!r}")
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VaeConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -86,13 +113,23 @@ class VaeConfig:
         """Pixels per latent pixel along each axis (8 for every known family)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """The decoder's block widths, in the encoder's order (deepest last)."""
+        return self.decoder_block_out_channels or self.block_out_channels
+
+    @property
+    def latent_multiple(self) -> int:
+        """Pixels that image sides must be a multiple of for the scaled latents (16 for FLUX.2's 2x2 patches)."""
+        return self.downsample_factor * (self.patch_size[0] if self.patch_size else 1)
+
     def replace(self, **changes: Any) -> VaeConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def preset(cls, name: str) -> VaeConfig:
-        """The config of a known family: one of `PRESETS` (sd15, sd2, sdxl, sd3, flux, playground, cogview)."""
+        """The config of a known family: one of `PRESETS` (sd15, sd2, sdxl, sd3, flux, flux2, playground, cogview)."""
         try:
             return PRESETS[name.lower()]
         except KeyError:
@@ -100,7 +137,8 @@ class VaeConfig:
 
     @classmethod
     def from_diffusers(cls, source: dict[str, Any] | str | Path) -> VaeConfig:
-        """Build from a diffusers AutoencoderKL `config.json` (a dict, the file, or its folder)."""
+        """Build from a diffusers AutoencoderKL or AutoencoderKLFlux2 `config.json` (a dict, the file, or its
+        folder)."""
         if not isinstance(source, dict):
             path = Path(source)
             if path.is_dir():
@@ -112,13 +150,14 @@ class VaeConfig:
                 raise ValueError(f"{path}: cannot read a diffusers config{hint}: {e}") from e
             if not isinstance(source, dict):
                 raise ValueError(f"{path}: a diffusers config must be a JSON object")
-        class_name = source.get("_class_name", "AutoencoderKL")
-        if class_name != "AutoencoderKL":
-            raise ValueError(f"config _class_name={class_name!r}: sdvae implements AutoencoderKL only")
-        known = {f.name for f in dataclasses.fields(cls)} - {"family"}
+        class_name = source.get("_class_name", CLASS_NAMES["patch_size" in source])  # (a dict of a model's config)
+        if class_name not in CLASS_NAMES:
+            raise ValueError(f"config _class_name={class_name!r}: sdvae implements {', '.join(CLASS_NAMES)} only")
+        flux2 = class_name == "AutoencoderKLFlux2"
+        known = {f.name for f in dataclasses.fields(cls)} - {"family"} - (_KL_ONLY if flux2 else _FLUX2_ONLY)
         kwargs: dict[str, Any] = {}
         for key, value in source.items():
-            if key.startswith(_BOOKKEEPING_PREFIX):
+            if key.startswith(_BOOKKEEPING_PREFIX) or (flux2 and key in _TRAINING_ONLY):
                 continue
             if key in _SUPPORTED_VALUES:
                 wanted = _SUPPORTED_VALUES[key]
@@ -127,28 +166,30 @@ class VaeConfig:
                     raise ValueError(f"config {key}={value!r} is not supported; sdvae implements {wanted!r} only")
                 continue
             if key not in known:
-                raise ValueError(f"config key {key!r} (= {value!r}) is not an AutoencoderKL setting sdvae knows")
+                raise ValueError(f"config key {key!r} (= {value!r}) is not an {class_name} setting sdvae knows")
             kwargs[key] = value
         for key in ("down_block_types", "up_block_types"):
             blocks = source.get(key)
             n = len(kwargs.get("block_out_channels", cls.block_out_channels))
             if blocks is not None and len(blocks) != n:
                 raise ValueError(f"config {key} has {len(blocks)} entries but block_out_channels has {n}")
-        return cls(**kwargs)
+        return PRESETS["flux2"].replace(**kwargs) if flux2 else cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:
         """The diffusers `config.json` dict for this config."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "family"}
+        other = _KL_ONLY if self.patch_size is not None else _FLUX2_ONLY
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "family" and f.name not in other}
         n = len(self.block_out_channels)
         out.update(
-            _class_name="AutoencoderKL",
+            _class_name=CLASS_NAMES[self.patch_size is not None],
             act_fn="silu",
             down_block_types=["DownEncoderBlock2D"] * n,
             up_block_types=["UpDecoderBlock2D"] * n,
             block_out_channels=list(self.block_out_channels),
         )
-        for key in ("latents_mean", "latents_std"):
-            if out[key] is not None:
+        for key in ("latents_mean", "latents_std", "decoder_block_out_channels", "patch_size"):
+            if out.get(key) is not None:
                 out[key] = list(out[key])
         return out
 
@@ -164,6 +205,10 @@ PRESETS: dict[str, VaeConfig] = {
     "flux": VaeConfig(
         latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
         use_quant_conv=False, use_post_quant_conv=False, sample_size=1024, family="flux",
+    ),
+    "flux2": VaeConfig(
+        latent_channels=32, scaling_factor=1.0, patch_size=(2, 2), batch_norm_eps=1e-4, sample_size=1024,
+        family="flux2",
     ),
     "playground": VaeConfig(
         scaling_factor=0.5, latents_mean=(-1.6574, 1.886, -1.383, 2.5155),

@@ -178,7 +178,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VaeConfig):
         super().__init__()
-        boc, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
+        boc, groups = tuple(reversed(config.decoder_widths)), config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, boc[0], 3, padding=1)
         self.mid_block = MidBlock(boc[0], groups, config.mid_block_add_attention)
         widths = [boc[0], *boc]

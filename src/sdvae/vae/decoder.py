@@ -7,12 +7,13 @@ from torch import nn
 
 from ..model.config import VaeConfig
 from ..model.network import Decoder, Runner
-from ..model.scaling import unscale_latents
+from ..model.scaling import LatentScaling, LatentStats
 from .base import VaeModule
 
 
 class VaeDecoder(VaeModule):
-    """The AutoencoderKL decoder: `post_quant_conv.*` (when the config has one) then `decoder.*`."""
+    """The AutoencoderKL decoder: `post_quant_conv.*` (when the config has one) then `decoder.*`; FLUX.2's also
+    holds the latent statistics `bn.*`."""
 
     def __init__(self, config: VaeConfig):
         super().__init__()
@@ -20,7 +21,13 @@ class VaeDecoder(VaeModule):
         n = config.latent_channels
         self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else None
         self.decoder = Decoder(config)
+        self.bn = LatentStats(n * config.patch_size[0] ** 2) if config.patch_size else None
         self.to_channels_last()
+
+    @property
+    def scaling(self) -> LatentScaling:
+        """How `decode_with_scaling` maps the diffusion model's latents back (`sdvae.model.scaling`)."""
+        return LatentScaling.of(self.config, self.bn)
 
     def _network(self, z: torch.Tensor, run: Runner) -> torch.Tensor:
         if self.post_quant_conv is not None:
@@ -37,5 +44,12 @@ class VaeDecoder(VaeModule):
         return self(z)
 
     def decode_with_scaling(self, z: torch.Tensor) -> torch.Tensor:
-        """Images from diffusion latents: undoes `encode_with_scaling`'s scaling and shift, then decodes."""
-        return self(unscale_latents(z, self.config))
+        """Images from diffusion latents: undoes `encode_with_scaling` (FLUX.2: its normalization and patches),
+        then decodes."""
+        if z.ndim != 4:
+            raise ValueError(f"latents {list(z.shape)}: expected [B, C, h, w]")
+        scaling = self.scaling
+        want = scaling.scaled_shape((self.config.latent_channels, scaling.patch, scaling.patch))[0]
+        if z.shape[1] != want:
+            raise ValueError(f"latents {list(z.shape)}: this VAE's scaled latents have {want} channels")
+        return self(scaling.unscale(z))

@@ -10,14 +10,15 @@ from torch import nn
 from ..model.config import VaeConfig
 from ..model.distribution import DiagonalGaussian
 from ..model.network import Encoder, Runner
-from ..model.scaling import scale_latents
+from ..model.scaling import LatentScaling, LatentStats
 from ..tiled.budget import plan_tiling
 from ..tiled.tiling import TilePlan, tiled_params
 from .base import VaeModule
 
 
 class VaeEncoder(VaeModule):
-    """The AutoencoderKL encoder: `encoder.*` then `quant_conv.*` (when the config has one)."""
+    """The AutoencoderKL encoder: `encoder.*` then `quant_conv.*` (when the config has one); FLUX.2's also holds the
+    latent statistics `bn.*`."""
 
     def __init__(self, config: VaeConfig):
         super().__init__()
@@ -25,7 +26,13 @@ class VaeEncoder(VaeModule):
         self.encoder = Encoder(config)
         n = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
+        self.bn = LatentStats(config.latent_channels * config.patch_size[0] ** 2) if config.patch_size else None
         self.to_channels_last()
+
+    @property
+    def scaling(self) -> LatentScaling:
+        """How `encode_with_scaling` maps VAE latents to the diffusion model's (`sdvae.model.scaling`)."""
+        return LatentScaling.of(self.config, self.bn)
 
     def _network(self, x: torch.Tensor, run: Runner) -> torch.Tensor:
         h = self.encoder(x, run)
@@ -64,11 +71,17 @@ class VaeEncoder(VaeModule):
                             generator: torch.Generator | list[torch.Generator] | None = None,
                             mode: bool = False, tile_size: int | None = None,
                             max_memory: int | str | None = None) -> torch.Tensor:
-        """Latents ready for a diffusion model: `(z - shift_factor) * scaling_factor`.
+        """Latents ready for a diffusion model: `(z - shift_factor) * scaling_factor`, per channel where the config
+        has statistics; FLUX.2's patchified 2x2 and normalized by its `bn` statistics, `[B, 128, H/16, W/16]`.
 
         `z` is a sample (seeded per image with `seed`, or drawn from `generator` as diffusers does) or, with
-        `mode=True`, the mean.
+        `mode=True`, the mean (what the FLUX.2 pipelines use).
         """
+        multiple = self.config.latent_multiple
+        if x.ndim == 4 and (x.shape[-2] % multiple or x.shape[-1] % multiple):
+            raise ValueError(f"images {list(x.shape)}: the scaled latents of this VAE need sides that are multiples "
+                             f"of {multiple} px (the raw forward/encode take multiples of "
+                             f"{self.config.downsample_factor})")
         dist = self.encode(x, tile_size=tile_size, max_memory=max_memory)
         if mode:
             if seed is not None or generator is not None:
@@ -76,4 +89,4 @@ class VaeEncoder(VaeModule):
             z = dist.mode()
         else:
             z = dist.sample(generator, seed=seed)
-        return scale_latents(z, self.config)
+        return self.scaling.scale(z)
