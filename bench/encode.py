@@ -1,7 +1,8 @@
 """sdvae vs diffusers: encoder time, peak memory and error, beside the conv floor. Prints one markdown table.
 
 Every measurement runs in a fresh process (clean peak-memory readings) on the same random SD 1.5 weights and
-input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2] [--compile] [--bfloat16]
+input. Usage: python bench/encode.py [--sizes 256 512 1024] [--threads 2] [--compile] [--bfloat16] [--families]
+  --families adds a second table: FLUX.2's and Qwen-Image's encoders against diffusers (`bench/families.py`).
   --compile adds sdvae-compiled rows: `load_encoder(..., compile=True)`, warmed up (compiled) at the timed size.
   --bfloat16 adds the bfloat16 rows on a CPU without native bfloat16 too (they come by themselves where it is
   native): there its convs are emulated, so the times mean little, but the errors are those of a native CPU (the
@@ -120,7 +121,7 @@ def measure(kind: str, size: int, dtype: str, weights: Path, tmp: Path, threads:
 
 
 def main() -> None:
-    args = parse_args([256, 512, 1024], worker_fields=4, flags=("--compile", "--bfloat16"))
+    args = parse_args([256, 512, 1024], worker_fields=4, flags=("--compile", "--bfloat16", "--families"))
     if args.worker:
         kind, size, dtype, weights, out = args.worker
         return worker(kind, int(size), dtype, Path(weights), Path(out))
@@ -160,6 +161,11 @@ def main() -> None:
                       f"{r['peak_mib'] / max(ref['peak_mib'], 1):.2f} | {err:.1e} |")
         shown = f"{floor_s:.2f}" if isinstance(floor, dict) else f"failed: {floor.splitlines()[-1]}"
         print(f"| {size} | float32 | conv floor | {shown} | | | 1.00 | | |")
+    if args.families:
+        import families
+
+        print()
+        families.table(args.sizes, args.threads)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage
 
 from sdvae import VaeConfig, VaeDecoder, VaeEncoder, load_weights
 
@@ -23,17 +23,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+DIFFUSERS_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLFlux2": AutoencoderKLFlux2,
+                     "AutoencoderKLQwenImage": AutoencoderKLQwenImage}
+
+
 def reference_vae(config: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """A diffusers AutoencoderKL of this config with fresh random weights, GroupNorm affines and biases included."""
-    kwargs = {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
+    """The diffusers VAE of this config (AutoencoderKL, AutoencoderKLFlux2 or AutoencoderKLQwenImage) with fresh
+    random weights: norm affines (GroupNorm weights, RMS norm gammas), biases and FLUX.2's bn statistics included."""
+    settings = config.to_diffusers()
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**kwargs)
+    vae = DIFFUSERS_CLASSES[settings["_class_name"]](**{k: v for k, v in settings.items() if not k.startswith("_")})
     with torch.no_grad():
         for name, p in vae.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if ("norm" in name and name.endswith("weight")) or name.endswith("gamma"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
+        if settings["_class_name"] == "AutoencoderKLFlux2":
+            vae.bn.running_mean.normal_()
+            vae.bn.running_var.uniform_(0.3, 3.0)
     return vae.to(dtype).eval()
 
 

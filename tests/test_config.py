@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage
 
 from sdvae import VaeConfig
 from sdvae.model.config import PRESETS
@@ -31,14 +31,16 @@ DIFFUSERS_KWARGS = {
                     mid_block_add_attention=False, latent_channels=16, scaling_factor=1.0, shift_factor=0.0,
                     sample_size=1024),
     "flux2": dict(SD_ARCH, latent_channels=32, sample_size=1024, patch_size=[2, 2], batch_norm_eps=1e-4),  # Flux2
+    "qwenimage": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2),  # QwenImage, its defaults
 }
 
 
 def diffusers_config_dir(tmp_path, kwargs) -> str:
     """The folder holding the config.json that diffusers itself writes for an AutoencoderKL (AutoencoderKLFlux2 where
-    the arguments have a patch size) with these arguments."""
+    the arguments have a patch size, AutoencoderKLQwenImage where they have a base_dim) with these arguments."""
     with torch.device("meta"):  # the config is what is under test: skip allocating the weights
-        vae = (AutoencoderKLFlux2 if "patch_size" in kwargs else AutoencoderKL)(**kwargs)
+        vae = (AutoencoderKLQwenImage if "base_dim" in kwargs else AutoencoderKLFlux2 if "patch_size" in kwargs
+               else AutoencoderKL)(**kwargs)
     vae.save_config(tmp_path)  # what save_pretrained writes as config.json
     return tmp_path
 

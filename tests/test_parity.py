@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import AutoencoderKLQwenImage
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from reference import loaded_from, random_images, reference_vae, rel_err
 
 from sdvae import VaeConfig, VaeEncoder, load_weights
@@ -37,15 +39,21 @@ def expected(pair):
     """diffusers' float64 outputs for the module's inputs, computed once and checked against in every dtype."""
     ref = pair[0]
 
+    frames = isinstance(ref, AutoencoderKLQwenImage)  # (diffusers runs it on one-frame videos [B, C, 1, H, W])
+
     @functools.cache
     def encode(batch: int, height: int, width: int):
+        x = random_images(batch, height, width, dtype=torch.float64)
         with torch.no_grad():
-            return ref.encode(random_images(batch, height, width, dtype=torch.float64)).latent_dist
+            if frames:
+                return DiagonalGaussianDistribution(ref.encode(x[:, :, None]).latent_dist.parameters[:, :, 0])
+            return ref.encode(x).latent_dist
 
     @functools.cache
     def decode():
+        z = latents(pair[2].config.latent_channels, torch.float64)
         with torch.no_grad():
-            return ref.decode(latents(ref.config.latent_channels, torch.float64)).sample
+            return ref.decode(z[:, :, None]).sample[:, :, 0] if frames else ref.decode(z).sample
 
     return SimpleNamespace(encode=encode, decode=decode)
 

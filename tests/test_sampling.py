@@ -23,8 +23,8 @@ SCALING = {
     "playground": (0.5, 0.0, [-1.6574, 1.886, -1.383, 2.5155], [8.4927, 5.9022, 6.5498, 5.2299]),
     "cogview": (1.0, 0.0, None, None),
 }
-# FLUX.2 is checked against its pipeline's own transforms (test_flux2.py).
-KL_FAMILIES = [name for name in PRESETS if name != "flux2"]
+# FLUX.2 and Qwen-Image are checked against their pipelines' own transforms (test_flux2.py, test_qwenimage.py).
+KL_FAMILIES = [name for name in PRESETS if name not in ("flux2", "qwenimage")]
 # Families whose presets differ only in scaling fields share one reference model.
 ARCHITECTURE = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sd15", "playground": "sd15",
                 "sd3": "sd3", "flux": "sd3", "cogview": "cogview"}
@@ -46,7 +46,7 @@ def diffusers_scale(z: torch.Tensor, family: str) -> torch.Tensor:
     scale, shift, mean, std = SCALING[family]
     if mean is None:
         return (z - shift) * scale
-    mean, std = (torch.tensor(v, dtype=z.dtype).view(1, -1, 1, 1) for v in (mean, std))
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(z.dtype) for v in (mean, std))  # (float32, as pipelines)
     return (z - mean) * scale / std
 
 
@@ -54,7 +54,7 @@ def diffusers_unscale(z: torch.Tensor, family: str) -> torch.Tensor:
     scale, shift, mean, std = SCALING[family]
     if mean is None:
         return z / scale + shift
-    mean, std = (torch.tensor(v, dtype=z.dtype).view(1, -1, 1, 1) for v in (mean, std))
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(z.dtype) for v in (mean, std))  # (float32, as pipelines)
     return z * std / scale + mean
 
 

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     info = commands.add_parser("info", help="what a checkpoint is: layout, parts, dtype, family and config")
     info.add_argument("source", help="a .safetensors/.ckpt/.bin file, a diffusers or pipeline folder, or a hub id")
-    info.add_argument("--family", help="the family preset to assume (sd15, sd2, sdxl, sd3, flux, playground, cogview)")
+    info.add_argument("--family", help="the family preset to assume (sd15, sd2, sdxl, sd3, flux, flux2, playground, "
+                                       "cogview, qwenimage)")
     info.set_defaults(run=_info)
 
     encode = commands.add_parser(
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "back to float32 on overflow")
     encode.add_argument("--store-dtype", choices=COMPUTE_DTYPES, default="float32",
                         help="dtype of the stored mean and logvar (default: %(default)s)")
-    encode.add_argument("--family", help="family preset when the checkpoint does not say (sd15, sdxl, sd3, flux, ...)")
+    encode.add_argument("--family", help="family preset when the checkpoint does not say (sd15, sdxl, sd3, flux, "
+                                         "flux2, qwenimage, ...)")
     encode.add_argument("--seed", type=int, default=0, help="seed for random crops (default: %(default)s)")
     encode.add_argument("--workers", type=int,
                         help="processes decoding images while the model runs; 0 decodes inline (default: 0 when the "

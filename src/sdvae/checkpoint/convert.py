@@ -13,7 +13,7 @@ from ..model.config import VaeConfig
 from ..vae.base import VaeModule
 from ..vae.decoder import VaeDecoder
 from ..vae.encoder import VaeEncoder
-from .keys import UNUSED, is_conv_shaped_attention, map_keys
+from .keys import UNUSED, fit_tensor, map_keys
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ def convert_state_dict(
             continue
         src = keymap.names[name]
         tensor = state_dict[src]
-        if tuple(tensor.shape) != tuple(shape) and is_conv_shaped_attention(name, tuple(tensor.shape)):
-            tensor = tensor.reshape(tensor.shape[:2])
+        tensor = fit_tensor(tensor, tuple(shape))
         if tuple(tensor.shape) != tuple(shape):
             mismatched.append(f"{src}: expected {list(shape)}, found {list(tensor.shape)}")
         elif tensor.is_floating_point() and not (finite := torch.isfinite(tensor)).all():

@@ -1,8 +1,9 @@
 """Every checkpoint layout's key names, mapped onto diffusers' AutoencoderKL names. The one place for renaming.
 
 Layouts: diffusers (current and deprecated attention names), CompVis/LDM, Black Forest Labs' FLUX.2 `ae.safetensors`
-(LDM names with the quant convs inside the halves, `bn.*` statistics), each bare or under a `vae.` or
-`first_stage_model.` prefix (whole pipeline or SD/SDXL checkpoints).
+(LDM names with the quant convs inside the halves, `bn.*` statistics), Wan 2.1's original names
+(`Wan2.1_VAE.pth`, ComfyUI's `qwen_image_vae.safetensors`), each bare or under a `vae.` or `first_stage_model.`
+prefix (whole pipeline or SD/SDXL checkpoints).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 PREFIXES = ("first_stage_model.", "vae.")
 HALVES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
 # Tensors of the VAE that inference never reads: they go into the load report, and strict loading accepts them.
-UNUSED = re.compile(r"bn\.num_batches_tracked")
+UNUSED = re.compile(r"bn\.num_batches_tracked|.*\.time_conv\.(weight|bias)")
 # FLUX.2's original names for the quant convs (flux2 `src/flux2/autoencoder.py`: the encoder and decoder hold them).
 _INNER_QUANT = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
 
@@ -41,11 +42,14 @@ class KeyMap:
     prefix: str
     layout: str
     num_up: int = 0  # the LDM decoder's up blocks, which it numbers in reverse
+    group: int = 0  # entries of one up block in Wan's flat `decoder.upsamples` list (its resnets and upsampler)
 
     def source_key(self, key: str) -> str:
         """The name diffusers key `key` has in the checkpoint, or would have there (to name a missing tensor)."""
         if key in self.names:
             return self.names[key]
+        if self.layout == "wan":
+            return self.prefix + wan_name(key, self.group)
         if self.layout.startswith("bfl"):
             key = next((inner + key[len(top):] for inner, top in _INNER_QUANT.items() if key.startswith(top)), key)
         return self.prefix + (ldm_name(key, self.num_up) if self.layout.startswith(("ldm", "bfl")) else key)
@@ -127,6 +131,12 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
     prefix = detect_prefix(keys)
     inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and k[len(prefix):].startswith(HALVES)}
     layout, num_up = "diffusers", 0
+    if is_wan(inner):
+        top = tuple(prefix + name for name in _WAN_TOP)
+        inner |= {k[len(prefix):]: k for k in keys if k.startswith(top)}
+        group = _wan_group(inner)
+        names = {_from_wan(k, group): src for k, src in inner.items()}
+        return KeyMap(names=names, prefix=prefix, layout="wan", group=group)
     if is_ldm(inner):
         layout = "ldm"
         ups = [int(m[1]) for k in inner if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
@@ -139,6 +149,90 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
     if renamed.keys() != inner.keys():
         layout += "+deprecated-attention"
     return KeyMap(names=renamed, prefix=prefix, layout=layout, num_up=num_up)
+
+
+# Wan 2.1's original names (Wan `wan/modules/vae.py`; diffusers' `convert_wan_vae_to_diffusers`): a residual block's
+# `residual` Sequential (0 norm, 2 conv, 3 norm, 6 conv) and `shortcut`; `head` (0 norm, 2 conv); `middle` (0 and 2
+# residual blocks, 1 attention); flat `downsamples` / `upsamples`; the quant convs `conv1` / `conv2` at the top.
+_WAN_RESIDUAL = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
+                 "shortcut": "conv_shortcut"}
+_WAN_ENDS = {"conv1": "conv_in", "head.0": "norm_out", "head.2": "conv_out"}
+_WAN_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+_WAN_BLOCK = re.compile(r"(encoder|decoder)\.(downsamples|upsamples|middle)\.(\d+)\.(.+)")
+_DIFFUSERS_BLOCK = re.compile(r"(encoder|decoder)\.(down_blocks\.\d+|up_blocks\.\d+\.(?:resnets\.\d+|upsamplers\.0)"
+                              r"|mid_block\.(?:resnets\.\d+|attentions\.0))\.(.+)")
+
+
+def is_wan(keys: Iterable[str]) -> bool:
+    """True for Wan 2.1's original names (`encoder.downsamples.0.residual.0.gamma`, `decoder.head.2.weight`...)."""
+    pattern = re.compile(r"^(encoder|decoder)\.(downsamples|upsamples|middle|head)\.")
+    return any(pattern.match(k) for k in keys)
+
+
+def _wan_group(keys: Iterable[str]) -> int:
+    """Entries per up block in `decoder.upsamples`: up to and including the first upsampler."""
+    firsts = [int(m[1]) for k in keys if (m := re.match(r"decoder\.upsamples\.(\d+)\.resample\.", k))]
+    return min(firsts) + 1 if firsts else 0
+
+
+def _swap(inner: str, table: dict[str, str]) -> str:
+    return next((new + inner[len(old):] for old, new in table.items() if inner.startswith(old + ".")), inner)
+
+
+def _from_wan(key: str, group: int) -> str:
+    """The diffusers name of a Wan 2.1 key."""
+    if key.startswith(tuple(_WAN_TOP)):
+        return next(new + key[len(old):] for old, new in _WAN_TOP.items() if key.startswith(old))
+    m = _WAN_BLOCK.fullmatch(key)
+    if not m:
+        half, _, rest = key.partition(".")
+        return f"{half}.{_swap(rest, _WAN_ENDS)}"
+    half, kind, i, inner = m[1], m[2], int(m[3]), m[4]
+    if kind == "middle" and i == 1:
+        return f"{half}.mid_block.attentions.0.{inner}"
+    if kind == "middle":
+        where = f"mid_block.resnets.{i // 2}"
+    elif kind == "downsamples":
+        where = f"down_blocks.{i}"
+    else:
+        block, j = divmod(i, group) if group else (0, i)
+        where = f"up_blocks.{block}.upsamplers.0" if j == group - 1 else f"up_blocks.{block}.resnets.{j}"
+    return f"{half}.{where}.{_swap(inner, _WAN_RESIDUAL)}"
+
+
+def wan_name(key: str, group: int) -> str:
+    """The Wan 2.1 name of a diffusers key (the inverse of `_from_wan`), to name a tensor missing from such a file."""
+    tops = {new: old for old, new in _WAN_TOP.items()}
+    if key.startswith(tuple(tops)):
+        return next(old + key[len(new):] for new, old in tops.items() if key.startswith(new))
+    m = _DIFFUSERS_BLOCK.fullmatch(key)
+    if not m:
+        half, _, rest = key.partition(".")
+        return f"{half}.{_swap(rest, {new: old for old, new in _WAN_ENDS.items()})}"
+    half, where, inner = m[1], m[2], m[3]
+    numbers = [int(n) for n in re.findall(r"\d+", where)]
+    if where.startswith("mid_block.attentions"):
+        return f"{half}.middle.1.{inner}"
+    if where.startswith("mid_block"):
+        place = f"middle.{2 * numbers[0]}"
+    elif where.startswith("down_blocks"):
+        place = f"downsamples.{numbers[0]}"
+    else:
+        j = group - 1 if "upsamplers" in where else numbers[1]
+        place = f"upsamples.{numbers[0] * group + j}"
+    return f"{half}.{place}.{_swap(inner, {new: old for old, new in _WAN_RESIDUAL.items()})}"
+
+
+def fit_tensor(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A stored tensor in the shape the 2-D network holds it, where the file stores it another way: an LDM attention
+    projection as a 1x1 conv; a Wan causal 3-D conv kernel (its last temporal slice: the conv's weights on the
+    frame itself, two zero frames before it); a Wan RMS norm's `[C, 1, 1, 1]` gamma. Others come back as they are."""
+    found = tuple(tensor.shape)
+    if len(found) == len(shape) + 1 == 5 and found[:2] == shape[:2] and found[3:] == shape[2:]:
+        return tensor[:, :, -1]
+    if found != shape and found[:len(shape)] == shape and all(n == 1 for n in found[len(shape):]):
+        return tensor.reshape(shape)
+    return tensor
 
 
 def ldm_name(key: str, num_blocks: int) -> str:
@@ -154,8 +248,3 @@ def to_ldm(state_dict: dict[str, torch.Tensor], num_blocks: int) -> dict[str, to
             tensor = tensor[:, :, None, None]
         out[ldm_name(key, num_blocks)] = tensor
     return out
-
-
-def is_conv_shaped_attention(diffusers_key: str, shape: tuple[int, ...]) -> bool:
-    """True for an attention projection stored as a 1x1 conv (`[C, C, 1, 1]`), as LDM files do."""
-    return bool(_ATTENTION_WEIGHT.search(diffusers_key)) and len(shape) == 4 and shape[2:] == (1, 1)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..model.config import CLASS_NAMES, PRESETS, VaeConfig
+from ..model.config import CLASS_NAMES, PRESETS, WAN_CLASSES, VaeConfig
 from ..model.scaling import LatentScaling, LatentStats
 from ..util import COMPUTE_DTYPES, SAFETENSORS_DTYPES, why_missing
 from ..vae.base import VaeModule
@@ -46,9 +46,9 @@ DEFAULT_FAMILY = {4: "sd15", 16: "flux", 32: "flux2"}
 DTYPES = {name: getattr(torch, name) for name in (*COMPUTE_DTYPES, "float64")}
 _SAFETENSORS_NAMES = {getattr(torch, name): short for short, name in SAFETENSORS_DTYPES.items()}
 # The fields that say which family a VAE is, whatever its widths (a family's scaling needs them to match).
-_IDENTITY_FIELDS = ("latent_channels", "use_quant_conv", "use_post_quant_conv", "patch_size")
+_IDENTITY_FIELDS = ("network", "latent_channels", "use_quant_conv", "use_post_quant_conv", "patch_size")
 _ARCH_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-                "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "patch_size")
+                "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "patch_size", "network")
 
 
 class SafetensorsFile(Mapping):
@@ -162,7 +162,7 @@ def _config_beside(weights: Path) -> tuple[VaeConfig, Path] | None:
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise ValueError(f"{path}: cannot read config: {e}") from e
     kind = data.get("_class_name", "AutoencoderKL") if isinstance(data, dict) else None
-    if kind in CLASS_NAMES:
+    if kind in CLASS_NAMES + WAN_CLASSES:
         try:
             return VaeConfig.from_diffusers(data), path
         except ValueError as e:
@@ -170,8 +170,8 @@ def _config_beside(weights: Path) -> tuple[VaeConfig, Path] | None:
     elif kind is None:
         problem = f"a JSON {type(data).__name__}, not an object"
     else:
-        problem = (f"it names the model class {kind}, not {' or '.join(CLASS_NAMES)} (the VAEs of the "
-                   "Stable-Diffusion and FLUX families)")
+        problem = (f"it names the model class {kind}, not {', '.join(CLASS_NAMES + WAN_CLASSES)} (the VAEs of "
+                   "the Stable-Diffusion, FLUX and Qwen-Image families)")
     if weights.name in WEIGHT_NAMES:
         raise ValueError(f"{path}: not the diffusers AutoencoderKL config of {weights.name}: {problem}")
     warnings.warn(f"{path}: not a diffusers AutoencoderKL config ({problem}); passed over: the config of "
@@ -247,7 +247,9 @@ def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str,
     def shape(key: str) -> tuple[int, ...]:
         return _shape(tensors, names[key])
 
-    arch: dict[str, Any] = {}
+    if any(k.endswith(".attentions.0.to_qkv.weight") for k in names):
+        return _infer_wan(names, shape)
+    arch: dict[str, Any] = {"network": "autoencoder_kl"}
     if "encoder.conv_in.weight" in names:
         arch["in_channels"] = shape("encoder.conv_in.weight")[1]
         arch["latent_channels"] = shape("encoder.conv_out.weight")[0] // 2
@@ -274,6 +276,33 @@ def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str,
     return arch
 
 
+def _infer_wan(names: Mapping[str, str], shape: Any) -> dict[str, Any]:
+    """The Wan network's widths and depth, read off the shapes: the encoder's flat list of residual blocks, split
+    into levels at its downsamples (else the decoder's up blocks)."""
+    arch: dict[str, Any] = {"network": "wan", "use_quant_conv": True, "use_post_quant_conv": True,
+                            "mid_block_add_attention": True}
+    if "encoder.conv_in.weight" in names:
+        ids = sorted({int(m[1]) for k in names if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+        levels: list[list[int]] = [[]]
+        for i in ids:
+            if f"encoder.down_blocks.{i}.resample.1.weight" in names:
+                levels.append([])
+            else:
+                levels[-1].append(shape(f"encoder.down_blocks.{i}.conv1.weight")[0])
+        arch.update(in_channels=shape("encoder.conv_in.weight")[1], latent_channels=shape(
+            "encoder.conv_out.weight")[0] // 2, block_out_channels=tuple(level[-1] for level in levels),
+            layers_per_block=len(levels[0]))
+    if "decoder.conv_in.weight" in names:
+        blocks = sorted({int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
+        arch["out_channels"] = shape("decoder.conv_out.weight")[0]
+        arch.setdefault("latent_channels", shape("decoder.conv_in.weight")[1])
+        arch.setdefault("block_out_channels", tuple(
+            shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks)))
+        arch.setdefault("layers_per_block",
+                        len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
+    return arch
+
+
 def _infer_family(keys: list[str], arch: dict[str, Any]) -> tuple[str | None, list[str]]:
     """The family for these weights, and every family whose architecture fits them.
 
@@ -289,6 +318,8 @@ def _infer_family(keys: list[str], arch: dict[str, Any]) -> tuple[str | None, li
         return fits[0], fits
     if not fits and "patch_size" in arch:  # bn statistics: FLUX.2's alone, whatever the widths
         return "flux2", ["flux2"]
+    if not fits and arch.get("network") == "wan":  # the Wan network: Qwen-Image's (= Wan 2.1's), whatever the widths
+        return "qwenimage", ["qwenimage"]
     default = DEFAULT_FAMILY.get(arch.get("latent_channels"))
     return (default if default in fits else None), fits
 
@@ -423,10 +454,11 @@ def load_encoder(source: str | Path, *, config: VaeConfig | dict | str | Path | 
                  dtype: torch.dtype | str | None = None, strict: bool = False, compile: bool = False) -> VaeEncoder:
     """Load a `VaeEncoder` from a file, a diffusers or pipeline folder, or a hub id; reads only its tensors.
 
-    The config comes from `config`, else the `family` preset (sd15, sd2, sdxl, sd3, flux, playground, cogview),
-    else the diffusers config.json beside the weights, else the weights themselves (warning where the family, and
-    so the scaling factor, is ambiguous). `dtype` (a torch.dtype or its name) defaults to float32. `.load_report`
-    says what was dropped. `compile=True` runs the network through torch.compile (`VaeModule.compile_network`).
+    The config comes from `config`, else the `family` preset (sd15, sd2, sdxl, sd3, flux, flux2, playground, cogview,
+    qwenimage), else the diffusers config.json beside the weights, else the weights themselves (warning where the
+    family, and so the scaling factor, is ambiguous). `dtype` (a torch.dtype or its name) defaults to float32.
+    `.load_report` says what was dropped. `compile=True` runs the network through torch.compile
+    (`VaeModule.compile_network`).
     """
     return _load(VaeEncoder, source, config, family, device, dtype, strict, compile)
 

@@ -262,6 +262,11 @@ def check_memory(config: VaeConfig, settings: Settings, runtime: Runtime, images
     of up to `runtime.batch_size` (at most `images` of them, twice with flips) within `runtime.max_memory`, else
     what is free on the device here; without `free_memory` (another machine encodes) only a given `max_memory` is
     checked."""
+    if config.network != "autoencoder_kl":  # (no tiled plan for it: it runs untiled, as diffusers does)
+        if runtime.tile_size is not None or runtime.max_memory is not None:
+            raise ValueError(f"--tile-size and --max-memory: the {config.family or config.network} encoder runs "
+                             "untiled only (exact tiling of the Wan network is not built yet)")
+        return
     if runtime.max_memory is None and not free_memory:
         return
     batch = min(runtime.batch_size, images * (2 if settings.flip else 1))

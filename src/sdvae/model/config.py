@@ -20,6 +20,12 @@ _SUPPORTED_VALUES = {
 CLASS_NAMES = ("AutoencoderKL", "AutoencoderKLFlux2")
 _TRAINING_ONLY = ("batch_norm_momentum",)  # FLUX.2's BatchNorm update rate: no effect on inference
 _FLUX2_ONLY = frozenset({"decoder_block_out_channels", "patch_size", "batch_norm_eps"})
+_SDVAE_ONLY = frozenset({"family", "network", "temperal_downsample"})
+# The Wan 2.1 network (Qwen-Image's VAE is the same): its diffusers classes, and the settings that do not change one
+# frame's result (dropout: inference; the temporal scale: frames only).
+WAN_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
+_WAN_IGNORED = {"dropout": None, "scale_factor_temporal": None, "scale_factor_spatial": 8, "decoder_base_dim": None,
+                "is_residual": False, "patch_size": None, "attn_scales": []}
 _KL_ONLY = frozenset({"scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast"})
 
 
@@ -29,6 +35,9 @@ class VaeConfig:
 
     FLUX.2 (`AutoencoderKLFlux2`) adds `patch_size` (its latents are patchified, then normalized by the statistics
     of the `bn` buffers, `batch_norm_eps`) and `decoder_block_out_channels` (a decoder narrower than the encoder).
+    `network="wan"` is the Wan 2.1 / Qwen-Image VAE for one frame (`sdvae.model.wan`): `block_out_channels` are
+    base_dim times dim_mult, `layers_per_block` num_res_blocks, `latent_channels` z_dim; `temperal_downsample` is
+    kept for its config only (one frame never runs the temporal convs), `norm_num_groups` is unused (RMS norms).
     """
 
     in_channels: int = 3
@@ -49,10 +58,12 @@ class VaeConfig:
     decoder_block_out_channels: tuple[int, ...] | None = None
     patch_size: tuple[int, int] | None = None
     batch_norm_eps: float = 1e-4
+    network: str = "autoencoder_kl"
+    temperal_downsample: tuple[bool, ...] | None = None
     family: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
+        for name in ("block_out_channels", "decoder_block_out_channels", "patch_size", "temperal_downsample"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("latents_mean", "latents_std"):
@@ -104,6 +115,11 @@ class VaeConfig:
         if not isinstance(self.batch_norm_eps, (int, float)) or isinstance(self.batch_norm_eps, bool) \
                 or self.batch_norm_eps < 0:
             raise ValueError(f"VaeConfig.batch_norm_eps must be a number >= 0, got {self.batch_norm_eps!r}")
+        if self.network not in ("autoencoder_kl", "wan"):
+            raise ValueError(f"VaeConfig.network must be 'autoencoder_kl' or 'wan', got {self.network!r}")
+        if self.network == "wan" and (any(c % boc[0] for c in boc) or self.patch_size or dboc):
+            raise ValueError(f"VaeConfig: a Wan network has widths base_dim * dim_mult (multiples of the first) and no "
+                             f"patch_size or decoder widths of its own, got {boc!r}")
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VaeConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -129,7 +145,8 @@ class VaeConfig:
 
     @classmethod
     def preset(cls, name: str) -> VaeConfig:
-        """The config of a known family: one of `PRESETS` (sd15, sd2, sdxl, sd3, flux, flux2, playground, cogview)."""
+        """The config of a known family: one of `PRESETS` (sd15, sd2, sdxl, sd3, flux, flux2, playground, cogview,
+        qwenimage)."""
         try:
             return PRESETS[name.lower()]
         except KeyError:
@@ -151,10 +168,13 @@ class VaeConfig:
             if not isinstance(source, dict):
                 raise ValueError(f"{path}: a diffusers config must be a JSON object")
         class_name = source.get("_class_name", CLASS_NAMES["patch_size" in source])  # (a dict of a model's config)
+        if class_name in WAN_CLASSES:
+            return _from_wan(source, class_name)
         if class_name not in CLASS_NAMES:
-            raise ValueError(f"config _class_name={class_name!r}: sdvae implements {', '.join(CLASS_NAMES)} only")
+            raise ValueError(f"config _class_name={class_name!r}: sdvae implements "
+                             f"{', '.join(CLASS_NAMES + WAN_CLASSES)} only")
         flux2 = class_name == "AutoencoderKLFlux2"
-        known = {f.name for f in dataclasses.fields(cls)} - {"family"} - (_KL_ONLY if flux2 else _FLUX2_ONLY)
+        known = {f.name for f in dataclasses.fields(cls)} - _SDVAE_ONLY - (_KL_ONLY if flux2 else _FLUX2_ONLY)
         kwargs: dict[str, Any] = {}
         for key, value in source.items():
             if key.startswith(_BOOKKEEPING_PREFIX) or (flux2 and key in _TRAINING_ONLY):
@@ -176,10 +196,11 @@ class VaeConfig:
         return PRESETS["flux2"].replace(**kwargs) if flux2 else cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers `config.json` dict for this config."""
-        other = _KL_ONLY if self.patch_size is not None else _FLUX2_ONLY
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name != "family" and f.name not in other}
+        """The diffusers `config.json` dict for this config (AutoencoderKLQwenImage's for the Wan network)."""
+        if self.network == "wan":
+            return _to_wan(self)
+        other = (_KL_ONLY if self.patch_size is not None else _FLUX2_ONLY) | _SDVAE_ONLY
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in other}
         n = len(self.block_out_channels)
         out.update(
             _class_name=CLASS_NAMES[self.patch_size is not None],
@@ -192,6 +213,48 @@ class VaeConfig:
             if out.get(key) is not None:
                 out[key] = list(out[key])
         return out
+
+
+def _from_wan(source: dict[str, Any], class_name: str) -> VaeConfig:
+    """A Wan 2.1 / Qwen-Image config (diffusers AutoencoderKLQwenImage or AutoencoderKLWan) as a VaeConfig."""
+    kwargs: dict[str, Any] = {}
+    settings = {k: v for k, v in source.items() if not k.startswith(_BOOKKEEPING_PREFIX)}
+    for key, value in settings.items():
+        if key in _WAN_IGNORED:
+            if _WAN_IGNORED[key] is not None and value not in (_WAN_IGNORED[key], None):
+                raise ValueError(f"config {key}={value!r}: not the Wan 2.1 / Qwen-Image VAE (Wan 2.2's VAE is another "
+                                 f"network); sdvae implements {key}={_WAN_IGNORED[key]!r} only")
+        elif key not in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "input_channels",
+                         "in_channels", "out_channels", "latents_mean", "latents_std"):
+            raise ValueError(f"config key {key!r} (= {value!r}) is not an {class_name} setting sdvae knows")
+    if settings.get("decoder_base_dim") not in (None, settings.get("base_dim", 96)):
+        raise ValueError(f"config decoder_base_dim={settings['decoder_base_dim']!r}: sdvae implements a decoder as "
+                         "wide as the encoder only")
+    base, mult = settings.get("base_dim", 96), settings.get("dim_mult", [1, 2, 4, 4])
+    kwargs["block_out_channels"] = tuple(base * m for m in mult)
+    if "num_res_blocks" in settings:
+        kwargs["layers_per_block"] = settings["num_res_blocks"]
+    if "z_dim" in settings:
+        kwargs["latent_channels"] = settings["z_dim"]
+    for key, field_name in (("input_channels", "in_channels"), ("in_channels", "in_channels"),
+                            ("input_channels", "out_channels"), ("out_channels", "out_channels"),
+                            ("latents_mean", "latents_mean"), ("latents_std", "latents_std"),
+                            ("temperal_downsample", "temperal_downsample")):
+        if key in settings:
+            kwargs[field_name] = settings[key]
+    return PRESETS["qwenimage"].replace(**kwargs)
+
+
+def _to_wan(config: VaeConfig) -> dict[str, Any]:
+    base = config.block_out_channels[0]
+    return {
+        "_class_name": "AutoencoderKLQwenImage", "base_dim": base, "z_dim": config.latent_channels,
+        "dim_mult": [c // base for c in config.block_out_channels], "num_res_blocks": config.layers_per_block,
+        "attn_scales": [], "temperal_downsample": list(config.temperal_downsample or [False, True, True][
+            :len(config.block_out_channels) - 1]),
+        "dropout": 0.0, "input_channels": config.in_channels,
+        "latents_mean": list(config.latents_mean or ()), "latents_std": list(config.latents_std or ()),
+    }
 
 
 PRESETS: dict[str, VaeConfig] = {
@@ -209,6 +272,14 @@ PRESETS: dict[str, VaeConfig] = {
     "flux2": VaeConfig(
         latent_channels=32, scaling_factor=1.0, patch_size=(2, 2), batch_norm_eps=1e-4, sample_size=1024,
         family="flux2",
+    ),
+    "qwenimage": VaeConfig(
+        latent_channels=16, block_out_channels=(96, 192, 384, 384), layers_per_block=2, norm_num_groups=1,
+        scaling_factor=1.0, latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                                          0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+        latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                     1.6382, 1.1253, 2.8251, 1.9160),
+        sample_size=1024, network="wan", temperal_downsample=(False, True, True), family="qwenimage",
     ),
     "playground": VaeConfig(
         scaling_factor=0.5, latents_mean=(-1.6574, 1.886, -1.383, 2.5155),

@@ -2,8 +2,8 @@
 
 Each pipeline feeds its transformer `(patchify(z) - mean) * factor / std`: `patchify` is FLUX.2's 2x2 (channel
 `c*4 + i*2 + j`; no patches elsewhere), `mean` and `std` are numbers (SD and FLUX.1: `shift_factor` and 1) or
-per-channel vectors (Playground's `latents_mean`/`latents_std`; FLUX.2's BatchNorm statistics, `std =
-sqrt(running_var + batch_norm_eps)`, with factor 1).
+per-channel vectors (Playground's and Qwen-Image's `latents_mean`/`latents_std`, rounded to float32 as the pipelines
+hold them; FLUX.2's BatchNorm statistics, `std = sqrt(running_var + batch_norm_eps)`, with factor 1).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class LatentScaling:
             var = stats.running_var.detach().double().cpu()
             return cls(1.0, tuple(stats.running_mean.detach().double().cpu().tolist()),
                        tuple((var + config.batch_norm_eps).sqrt().tolist()), config.patch_size[0])
-        if config.latents_mean is not None:
-            return cls(config.scaling_factor, config.latents_mean, config.latents_std)
+        if config.latents_mean is not None:  # (rounded to float32, as the pipelines' torch.tensor(list) holds them)
+            return cls(config.scaling_factor, *(tuple(torch.tensor(v, dtype=torch.float32).double().tolist())
+                                                for v in (config.latents_mean, config.latents_std)))
         return cls(config.scaling_factor, config.shift_factor or 0.0)
 
     def _stats(self, z: torch.Tensor) -> tuple[Any, Any]:

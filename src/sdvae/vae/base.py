@@ -57,6 +57,17 @@ class VaeModule(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _one_frame(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
+        """`x` as `[B, C, H, W]`, and whether it came as diffusers' one-frame video `[B, C, 1, H, W]` (the Wan
+        network's form; its results get the frame axis back)."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 5 or self.config.network != "wan":
+            return x, False  # (the input check names the shape it expects)
+        if x.shape[2] != 1:
+            raise ValueError(f"expected {what} of one frame [B, C, 1, H, W], got {list(x.shape)} ({x.shape[2]} "
+                             "frames): sdvae encodes images; a video's frames after the first need the temporal "
+                             "network")
+        return x[:, :, 0], True
+
     def _check_input(self, x: torch.Tensor, channels: int, min_size: int, what: str) -> torch.Tensor:
         """Validate `[B, channels, H, W]` of finite values and cast floating input to the weights' dtype."""
         if not isinstance(x, torch.Tensor):

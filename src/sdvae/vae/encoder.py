@@ -11,6 +11,7 @@ from ..model.config import VaeConfig
 from ..model.distribution import DiagonalGaussian
 from ..model.network import Encoder, Runner
 from ..model.scaling import LatentScaling, LatentStats
+from ..model.wan import WanEncoder
 from ..tiled.budget import plan_tiling
 from ..tiled.tiling import TilePlan, tiled_params
 from .base import VaeModule
@@ -18,12 +19,13 @@ from .base import VaeModule
 
 class VaeEncoder(VaeModule):
     """The AutoencoderKL encoder: `encoder.*` then `quant_conv.*` (when the config has one); FLUX.2's also holds the
-    latent statistics `bn.*`."""
+    latent statistics `bn.*`. With `config.network == "wan"`, the Wan 2.1 / Qwen-Image encoder for one frame
+    (`sdvae.model.wan`), which also takes diffusers' `[B, 3, 1, H, W]` and then answers with a frame axis."""
 
     def __init__(self, config: VaeConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = (WanEncoder if config.network == "wan" else Encoder)(config)
         n = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
         self.bn = LatentStats(config.latent_channels * config.patch_size[0] ** 2) if config.patch_size else None
@@ -55,12 +57,22 @@ class VaeEncoder(VaeModule):
         plan of that size that needs the least memory (activations in scratch files, or recomputed: slower); with
         `max_memory`, in the fastest plan of that size that fits.
         """
+        x, frame = self._one_frame(x, "images")
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
         if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
             raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size!r}")
-        plan = plan_tiling(self.encoder, self.config, tuple(x.shape), x.dtype, x.device, tile_size, max_memory)
-        return self._guarded(lambda t: self._params(t, plan), x,
-                             {"tile_size": tile_size, "max_memory": max_memory}).contiguous()
+        plan = self._plan(x, tile_size, max_memory)
+        out = self._guarded(lambda t: self._params(t, plan), x,
+                            {"tile_size": tile_size, "max_memory": max_memory}).contiguous()
+        return out.unsqueeze(2) if frame else out
+
+    def _plan(self, x: torch.Tensor, tile_size: int | None, max_memory: int | str | None) -> TilePlan | None:
+        if self.config.network != "autoencoder_kl":
+            if tile_size is not None or max_memory is not None:
+                raise ValueError(f"tile_size and max_memory: the {self.config.family or self.config.network} encoder "
+                                 "runs untiled only (exact tiling of the Wan network is not built yet)")
+            return None
+        return plan_tiling(self.encoder, self.config, tuple(x.shape), x.dtype, x.device, tile_size, max_memory)
 
     def encode(self, x: torch.Tensor, tile_size: int | None = None,
                max_memory: int | str | None = None) -> DiagonalGaussian:
@@ -77,6 +89,7 @@ class VaeEncoder(VaeModule):
         `z` is a sample (seeded per image with `seed`, or drawn from `generator` as diffusers does) or, with
         `mode=True`, the mean (what the FLUX.2 pipelines use).
         """
+        x, frame = self._one_frame(x, "images")
         multiple = self.config.latent_multiple
         if x.ndim == 4 and (x.shape[-2] % multiple or x.shape[-1] % multiple):
             raise ValueError(f"images {list(x.shape)}: the scaled latents of this VAE need sides that are multiples "
@@ -89,4 +102,5 @@ class VaeEncoder(VaeModule):
             z = dist.mode()
         else:
             z = dist.sample(generator, seed=seed)
-        return self.scaling.scale(z)
+        z = self.scaling.scale(z)
+        return z.unsqueeze(2) if frame else z
