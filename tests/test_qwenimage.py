@@ -130,6 +130,31 @@ def test_scaled_latents_are_the_pipelines_own(refs, ours, dtype):
         assert rel_err(dec.decode_with_scaling(want[:, :, 0]), image[:, :, 0]) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fast_path_equals_the_plain_network(refs, ours, dtype, monkeypatch):
+    """Residual blocks and downsamples by row bands (several per map here), the wide convs as Winograd's F(4x4, 3x3)
+    (thresholds lowered to reach these widths): equal to the plain network, which equals diffusers."""
+    import sdvae.fast.bands
+    import sdvae.fast.winograd
+    from torch.profiler import profile
+
+    monkeypatch.setattr(sdvae.fast.bands, "BAND_PIXELS", 64)
+    monkeypatch.setattr(sdvae.fast.winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(sdvae.fast.winograd, "MIN_WORK", 0)
+    enc, dec = ours[dtype]
+    x = random_images(2, 48, 40, dtype=dtype)
+    z = torch.randn(2, 16, 6, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        with sdvae.fast_path(False):
+            plain, plain_images = enc(x), dec(z)
+        with profile() as prof:
+            fast, fast_images = enc(x), dec(z)
+    ops = {e.name for e in prof.events()}
+    assert "mkldnn::_convolution_pointwise_" in ops or dtype != torch.float32  # (the bands' fused conv and add)
+    assert rel_err(plain, refs[dtype].encode(x[:, :, None]).latent_dist.parameters[:, :, 0]) <= TOLERANCE[dtype]
+    assert rel_err(fast, plain) <= TOLERANCE[dtype] and rel_err(fast_images, plain_images) <= TOLERANCE[dtype]
+
+
 def test_tiling_is_refused_until_it_is_built(ours):
     enc, _ = ours[torch.float32]
     with pytest.raises(ValueError, match="runs untiled only"):

@@ -6,7 +6,8 @@ reading a small buffer that holds its normalized input rows (one halo row above 
 edges) and writing straight into its output map; conv2 adds into x in place. So x and conv1's output are the only
 full-size maps, and each buffer is still in cache when the conv reads it. In float32 the wide convs run as
 Winograd's F(4x4, 3x3) (`sdvae.fast.winograd`), the rest through oneDNN. The GroupNorms use whole-map statistics
-(`sdvae.fast.groupnorm`): the result equals the whole-map computation.
+(`sdvae.fast.groupnorm`): the result equals the whole-map computation. The Wan network's RMS norms need no
+statistics: each band is normalized by the module itself.
 """
 
 from __future__ import annotations
@@ -65,8 +66,31 @@ def band_stats(bands: Iterable[tuple[int, torch.Tensor]], groups: int) -> Stats:
     return tuple(torch.cat(parts) for parts in zip(*per_sample))
 
 
+NormSiluRows = Callable[[int, torch.Tensor, torch.Tensor], None]  # (sample, rows, out): out = silu(norm(rows))
+
+
+def group_norm_silu(norm: nn.GroupNorm, bands: Iterable[tuple[int, torch.Tensor]], dtype: torch.dtype
+                    ) -> NormSiluRows:
+    """SiLU(GroupNorm) of row bands, with the statistics of the whole map that `bands` sweeps."""
+    return norm_silu_rows(norm, band_stats(bands, norm.num_groups), dtype)
+
+
+def per_pixel_norm_silu(norm: nn.Module, bands: Iterable[tuple[int, torch.Tensor]], dtype: torch.dtype
+                        ) -> NormSiluRows:
+    """SiLU(norm) of row bands for a norm of each pixel alone (the Wan network's RMS norm): the module itself on each
+    band. (`bands` is swept all the same: it runs the conv that makes them.)"""
+    for _ in bands:
+        pass
+
+    def run(i: int, rows: torch.Tensor, out: torch.Tensor) -> None:
+        F.silu(out.copy_(norm(rows)), inplace=True)
+
+    return run
+
+
 def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`block(x)` for a `ResnetBlock` in inference; the result overwrites `x` when the block keeps the width."""
+    """`block(x)` for a resnet (`ResnetBlock`, or the Wan network's `ResidualBlock`) in inference; the result
+    overwrites `x` when the block keeps the width."""
     b, c, h, w = x.shape
     sample_bands = [(i, r0, r1) for i in range(b) for r0, r1 in band_spans(h, w)]
     rows = sample_bands[0][2] - sample_bands[0][1]
@@ -90,10 +114,11 @@ def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             norm_conv(run1, x, norm1, mid, i, r0, r1, add=False)
             yield i, mid[i:i + 1, :, r0:r1]  # its statistics are taken while it is in cache
 
+    norm_silu = group_norm_silu if isinstance(block.norm1, nn.GroupNorm) else per_pixel_norm_silu
     x_bands = ((i, x[i:i + 1, :, r0:r1]) for i, r0, r1 in sample_bands)
-    norm1 = norm_silu_rows(block.norm1, band_stats(x_bands, block.norm1.num_groups), x.dtype)
+    norm1 = norm_silu(block.norm1, x_bands, x.dtype)
     mid = torch.empty(b, block.conv1.out_channels, h, w, **new)
-    norm2 = norm_silu_rows(block.norm2, band_stats(conv1_bands(norm1), block.norm2.num_groups), x.dtype)
+    norm2 = norm_silu(block.norm2, conv1_bands(norm1), x.dtype)
     out = x if block.conv_shortcut is None else torch.empty(b, block.conv2.out_channels, h, w, **new)
     for i, r0, r1 in sample_bands:
         if block.conv_shortcut is not None:

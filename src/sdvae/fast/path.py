@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..model import wan
 from ..model.network import Attention, Downsample, OutputHead, ResnetBlock, call
 from . import bands
 from .groupnorm import exact_group_norm, in_place_ok
@@ -60,8 +61,12 @@ def run_layer(layer: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tens
     """One layer of a network's stages on the fast path: `layer(x)`, by the kernel that has it."""
     if isinstance(layer, ResnetBlock):
         return bands.resnet(layer, x) if by_bands(layer, x) else resnet_in_place(layer, x)
+    if isinstance(layer, wan.ResidualBlock) and by_bands(layer, x):
+        return bands.resnet(layer, x)
     if isinstance(layer, Downsample) and by_bands(layer, x):
         return bands.downsample(layer.conv, x)
+    if isinstance(layer, wan.Resample) and isinstance(layer.resample[0], nn.ZeroPad2d) and by_bands(layer, x):
+        return bands.downsample(layer.resample[1], x)
     if isinstance(layer, Attention):
         return layer(x, norm=exact_group_norm)
     if isinstance(layer, OutputHead):
