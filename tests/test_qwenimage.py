@@ -134,9 +134,10 @@ def test_scaled_latents_are_the_pipelines_own(refs, ours, dtype):
 def test_the_fast_path_equals_the_plain_network(refs, ours, dtype, monkeypatch):
     """Residual blocks and downsamples by row bands (several per map here), the wide convs as Winograd's F(4x4, 3x3)
     (thresholds lowered to reach these widths): equal to the plain network, which equals diffusers."""
+    from torch.profiler import profile
+
     import sdvae.fast.bands
     import sdvae.fast.winograd
-    from torch.profiler import profile
 
     monkeypatch.setattr(sdvae.fast.bands, "BAND_PIXELS", 64)
     monkeypatch.setattr(sdvae.fast.winograd, "MIN_CHANNELS", 1)
