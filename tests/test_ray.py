@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from inputs import mixed_inputs
 from ray.cluster_utils import Cluster
 from reference import rel_err
@@ -82,6 +83,32 @@ def test_ray_engine_on_a_local_instance_equals_the_local_engine(model, inputs, l
         assert not any((tmp_path / name).exists() for name in ("full", "gpu", "tight"))
         with LocalStore(tmp_path / "held").writer_lock(), pytest.raises(OutputInUse, match="another run is writing"):
             encode_dataset(inputs, str(model), tmp_path / "held", SETTINGS, engine=RayEngine())  # the driver holds it
+    finally:
+        ray.shutdown()
+
+
+def test_flux2_and_qwenimage_on_ray_equal_the_local_engine(inputs, tmp_path):
+    """The newer families through the Ray engine: FLUX.2's BFL file and Qwen-Image's Wan file, their latents
+    scaled as their pipelines do, the same dataset as the local engine writes."""
+    from safetensors.torch import save_file
+    from test_flux2 import bfl_file, flux2_reference
+    from test_qwenimage import qwen_reference, wan_file
+
+    bfl = bfl_file(flux2_reference().state_dict())
+    save_file({k: v.contiguous() for k, v in bfl.items()}, tmp_path / "ae.safetensors")
+    torch.save(wan_file(qwen_reference().state_dict()), tmp_path / "Wan2.1_VAE.pth")
+    settings = Settings(resolution=32, max_pixels=10**6)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        for name, family, shape in (("ae.safetensors", "flux2", (128, 2, 2)), ("Wan2.1_VAE.pth", "qwenimage",
+                                                                               (16, 4, 4))):
+            local, remote = tmp_path / f"{family}-local", tmp_path / f"{family}-ray"
+            encode_dataset(inputs, str(tmp_path / name), local, settings, shard_size=5)
+            engine = RayEngine(Runtime(batch_size=2), actors=1, actor_cpus=1.0)
+            encode_dataset(inputs, str(tmp_path / name), remote, settings, shard_size=5, engine=engine)
+            assert_same_dataset(remote, local)
+            dataset = LatentDataset(remote)
+            assert dataset.manifest["family"] == family and dataset[0]["latent"].shape == shape
     finally:
         ray.shutdown()
 
