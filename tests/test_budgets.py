@@ -27,9 +27,11 @@ import torch
 from sdvae import VaeConfig, VaeEncoder
 
 torch.set_num_threads(2)
-size, tile_size, budget = json.loads(sys.argv[1])
+size, tile_size, budget, network = json.loads(sys.argv[1])
 torch.manual_seed(0)
 config = VaeConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8)
+if network == "wan":
+    config = VaeConfig.preset("qwenimage").replace(block_out_channels=(32, 64, 64, 64), layers_per_block=1)
 enc = VaeEncoder(config).eval().requires_grad_(False)
 x = torch.rand(1, 3, size, size) * 2 - 1
 
@@ -51,25 +53,26 @@ print(json.dumps({"peak": (kib("VmHWM") - base) * 1024, "refused": refused}))
 """
 
 
-def peak_rise(size: int, tile_size: int | None, budget: int | None, scratch: str) -> dict:
+def peak_rise(size: int, tile_size: int | None, budget: int | None, scratch: str, network: str = "kl") -> dict:
     """The child's peak rise in bytes and its refusal (or None), run with `SDVAE_SCRATCH=scratch`."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak of resident memory")
     env = dict(os.environ, SDVAE_SCRATCH=scratch, OMP_NUM_THREADS="2",
                PYTHONPATH=os.pathsep.join([str(Path(sdvae.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps([size, tile_size, budget])], env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps([size, tile_size, budget, network])], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("tile_size, budget_mib, scratch", [(None, 20, "folder"), (64, 50, "folder"),
-                                                            (64, 50, "none")])
+@pytest.mark.parametrize("tile_size, budget_mib, scratch, network", [
+    (None, 20, "folder", "kl"), (64, 50, "folder", "kl"), (64, 50, "none", "kl"),
+    (None, 52, "folder", "wan"), (None, 42, "folder", "wan"), (None, 42, "none", "wan")])
 def test_the_peak_rise_of_resident_memory_keeps_to_max_memory_or_the_encode_is_refused_before_it_starts(
-        tile_size, budget_mib, scratch, tmp_path):
+        tile_size, budget_mib, scratch, network, tmp_path):
     """Within the budget (5% for the allocator) with scratch files and without; where no plan can promise that,
     a MemoryError naming the shape, the estimate and the budget before any activation is made."""
-    result = peak_rise(256, tile_size, budget_mib * MiB, str(tmp_path) if scratch == "folder" else "none")
+    result = peak_rise(256, tile_size, budget_mib * MiB, str(tmp_path) if scratch == "folder" else "none", network)
     if result["refused"]:
         said = result["refused"]
         assert "[1, 3, 256, 256] needs about" in said and f"the {budget_mib} MiB allowed" in said

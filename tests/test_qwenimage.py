@@ -156,10 +156,35 @@ def test_the_fast_path_equals_the_plain_network(refs, ours, dtype, monkeypatch):
     assert rel_err(fast, plain) <= TOLERANCE[dtype] and rel_err(fast_images, plain_images) <= TOLERANCE[dtype]
 
 
-def test_tiling_is_refused_until_it_is_built(ours):
-    enc, _ = ours[torch.float32]
-    with pytest.raises(ValueError, match="runs untiled only"):
-        enc(random_images(1, 32, 32), tile_size=16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", ["memory", "files", "recompute"])
+def test_exact_tiles_equal_the_untiled_encoder(ours, dtype, where, tmp_path, monkeypatch):
+    """The RMS norms are per pixel, so tiles need no statistics; the attention runs by blocks with an online softmax.
+    Every stage's activations in memory, in scratch files, or recomputed: the untiled result."""
+    from sdvae.tiled.tiling import TilePlan, tiled_params
+
+    monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path))
+    enc, _ = ours[dtype]
+    x = random_images(2, 72, 40, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    plan = TilePlan(16, (where,) * (len(enc.config.block_out_channels) + 1))
+    with torch.no_grad():
+        want = enc(x)
+        got = tiled_params(enc.encoder, enc.quant_conv, x, plan)
+        assert rel_err(got, want) <= TOLERANCE[dtype]
+        assert rel_err(enc(x, tile_size=24), want) <= TOLERANCE[dtype]
+
+
+def test_a_memory_budget_tiles_it_with_a_log_line(ours, caplog, tmp_path, monkeypatch):
+    from sdvae.tiled.budget import untiled_peak
+
+    monkeypatch.setenv("SDVAE_SCRATCH", str(tmp_path))
+    enc, _ = ours[torch.float64]
+    x = random_images(1, 192, 192, dtype=torch.float64)
+    budget = untiled_peak(enc.config, tuple(x.shape), x.dtype) - (2 << 20)  # (tiles with scratch files fit)
+    with torch.no_grad(), caplog.at_level("INFO", logger="sdvae"):
+        got = enc(x, max_memory=budget)
+        assert "exact tiles of" in caplog.text
+        assert rel_err(got, enc(x)) <= 1e-12
 
 
 # --- checkpoints ---
@@ -296,5 +321,8 @@ def test_sdvae_encode_stores_latents_normalized_as_the_pipeline_does(refs, layou
             want = (ref.encode(x).latent_dist.mode() - latents_mean) * inverse_std
         assert rel_err(item["latent"], want[0, :, 0]) <= 1e-5
     assert main(["decode", str(out), "--out", str(tmp_path / "preview.png")]) == 0
-    assert main(["encode", str(images), "--model", str(layouts["Wan2.1_VAE.pth"]), "--output", str(tmp_path / "t"),
-                 "--resolution", "32", "--workers", "0", "--tile-size", "16"]) == 2
+    tiled = tmp_path / "tiled"
+    assert main(["encode", str(images), "--model", str(layouts["Wan2.1_VAE.pth"]), "--output", str(tiled),
+                 "--resolution", "32", "--workers", "0", "--tile-size", "16"]) == 0
+    for a, b in zip(LatentDataset(out, mode=True), LatentDataset(tiled, mode=True)):
+        assert a["key"] == b["key"] and rel_err(b["mean"], a["mean"]) <= 1e-5

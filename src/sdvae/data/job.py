@@ -18,7 +18,7 @@ import torch
 from .._version import __version__
 from ..checkpoint.loading import open_checkpoint
 from ..model.config import VaeConfig
-from ..model.network import Encoder
+from ..model.networks import encoder_network
 from ..tiled.budget import plan_tiling
 from ..util import COMPUTE_DTYPES, spans
 from .dataset import (
@@ -262,16 +262,11 @@ def check_memory(config: VaeConfig, settings: Settings, runtime: Runtime, images
     of up to `runtime.batch_size` (at most `images` of them, twice with flips) within `runtime.max_memory`, else
     what is free on the device here; without `free_memory` (another machine encodes) only a given `max_memory` is
     checked."""
-    if config.network != "autoencoder_kl":  # (no tiled plan for it: it runs untiled, as diffusers does)
-        if runtime.tile_size is not None or runtime.max_memory is not None:
-            raise ValueError(f"--tile-size and --max-memory: the {config.family or config.network} encoder runs "
-                             "untiled only (exact tiling of the Wan network is not built yet)")
-        return
     if runtime.max_memory is None and not free_memory:
         return
     batch = min(runtime.batch_size, images * (2 if settings.flip else 1))
     with torch.device("meta"):
-        encoder = Encoder(config)
+        encoder = encoder_network(config)
     for width, height in sorted(settings.targets(), key=lambda size: -size[0] * size[1]):
         try:
             plan_tiling(encoder, config, (batch, 3, height, width), getattr(torch, settings.dtype),

@@ -1,7 +1,8 @@
 """Exact tiled encoding: the encoder run tile by tile, equal to the untiled encoder (no seams).
 
-Everything in the encoder is local except its GroupNorms and the mid-block attention. The encoder is seen as a
-list of nodes, one per conv (GroupNorm+SiLU in front, a residual added behind) plus the attention, and run as a
+Everything in the encoder is local except its GroupNorms and the mid-block attention (the Wan network's RMS norms
+are per pixel: local too). The encoder is seen as a list of nodes, one per conv (a norm+SiLU in front, a residual
+added behind) plus the attention, and run as a
 schedule of passes: each pass sweeps the tiles of one node's output, keeps that output whole (in memory or in a
 scratch file, `sdvae.tiled.maps`) and/or accumulates its per-sample, per-group statistics for the next
 GroupNorm, merged exactly across tiles (Chan's parallel formula, in float64). A tile is computed from the kept
@@ -16,6 +17,7 @@ matrix is held. `sdvae.tiled.budget` chooses a plan from a memory budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 from .. import fast
 from ..fast import winograd
 from ..fast.groupnorm import Stats, affine, group_stats, merge_all, normalize, recording
+from ..model import wan
 from ..model.network import Attention, Downsample, Encoder, OutputHead, ResnetBlock
 from ..util import spans
 from .maps import FileActivation, RamActivation, release_freed_memory
@@ -56,28 +59,37 @@ class Node:
     level: int  # resolution level of its output: tiles of `tile >> level` pixels
     conv: nn.Conv2d | None = None
     pads: tuple[int, int, int, int] = (1, 1, 1, 1)  # top, bottom, left, right
-    norm: nn.GroupNorm | None = None
+    norm: nn.Module | None = None  # a GroupNorm (whole-map statistics), or the Wan network's per-pixel RMS norm
     skip: int | None = None
     shortcut: nn.Module | None = None
-    attention: Attention | None = None
+    attention: Attention | wan.AttentionBlock | None = None
+
+    @property
+    def grouped(self) -> bool:
+        """Whether its norm needs the whole map's statistics (a GroupNorm)."""
+        return isinstance(self.norm, nn.GroupNorm)
 
 
-def encoder_nodes(encoder: Encoder) -> list[Node]:
-    """The encoder's stages (`Encoder.stages`) as a list of nodes, each reading the previous one's output."""
+def encoder_nodes(encoder: Encoder | wan.WanEncoder) -> list[Node]:
+    """The encoder's stages (`Encoder.stages`, `WanEncoder.stages`) as a list of nodes, each reading the previous
+    one's output."""
     nodes: list[Node] = []
     level = 0
     for stage, layers in enumerate(encoder.stages):
         for layer in layers:
-            if isinstance(layer, ResnetBlock):
+            if isinstance(layer, (ResnetBlock, wan.ResidualBlock)):
                 nodes.append(Node(stage, level, layer.conv1, norm=layer.norm1))
                 nodes.append(Node(stage, level, layer.conv2, norm=layer.norm2, skip=len(nodes) - 1,
                                   shortcut=layer.conv_shortcut))
-            elif isinstance(layer, Downsample):
+            elif isinstance(layer, (Downsample, wan.Resample)):
                 level += 1
-                nodes.append(Node(stage, level, layer.conv, pads=(0, 1, 0, 1)))
+                conv = layer.conv if isinstance(layer, Downsample) else layer.resample[1]
+                nodes.append(Node(stage, level, conv, pads=(0, 1, 0, 1)))
             elif isinstance(layer, Attention):
                 nodes.append(Node(stage, level, norm=layer.group_norm, attention=layer))
-            elif isinstance(layer, OutputHead):
+            elif isinstance(layer, wan.AttentionBlock):
+                nodes.append(Node(stage, level, norm=layer.norm, attention=layer))
+            elif isinstance(layer, (OutputHead, wan.OutputHead)):
                 nodes.append(Node(stage, level, layer.conv, norm=layer.norm))
             elif isinstance(layer, nn.Conv2d):
                 nodes.append(Node(stage, level, layer))
@@ -143,7 +155,7 @@ def schedule(nodes: list[Node], stores: tuple[str, ...]) -> list[Pass]:
     keep = {k: where for k in range(n) if (where := kept(k))} | {-1: "memory"}
     plans = []
     for t in range(n):
-        stats = t + 1 < n and nodes[t + 1].norm is not None
+        stats = t + 1 < n and nodes[t + 1].grouped
         if t not in keep and not stats:
             continue
         computed, reads, todo = set(), set(), [t]
@@ -199,7 +211,7 @@ def _tiled_params(encoder: nn.Module, quant_conv: nn.Module | None, x: torch.Ten
         else:
             out = None
         if node.attention is not None:
-            tiled_attention(node.attention, out, stats[t - 1])
+            tiled_attention(node.attention, out, stats.get(t - 1))
             if p.stats:
                 stats[t] = whole_map_stats(out, nodes[t + 1].norm.num_groups, plan.side(node.level))
         else:
@@ -219,7 +231,7 @@ def _sweep(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation], stats
            out: Activation | None, tile: int) -> Stats | None:
     """Pass `p`: every tile of the target's output, written to `out` (if any); returns its statistics if wanted."""
     dtype = maps[-1].dtype
-    prologues = {k: affine(nodes[k].norm, stats[k - 1], dtype) for k in p.computed if nodes[k].norm is not None}
+    prologues = {k: affine(nodes[k].norm, stats[k - 1], dtype) for k in p.computed if nodes[k].grouped}
     _, _, h, w = shapes[p.target]
     parts = []
     for r0, r1 in spans(h, tile):
@@ -255,7 +267,10 @@ def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
         piece = crop(k - 1, inside)
         if node.norm is not None:
             buffer, interior = _padded_buffer(piece, border)
-            normalize(piece, *prologues[k], silu=True, out=interior)
+            if node.grouped:
+                normalize(piece, *prologues[k], silu=True, out=interior)
+            else:
+                F.silu(interior.copy_(node.norm(piece)), inplace=True)
             piece = buffer
         elif any(border):
             piece = F.pad(piece, (border[2], border[3], border[0], border[1]))
@@ -306,31 +321,47 @@ def attention_rows(channels: int, height: int, width: int, block: int = ATTENTIO
     return max(1, min(block, 2 * tokens * channels // min(block, tokens)) // width)
 
 
-def tiled_attention(attention: Attention, x: Activation, stats: Stats, block: int = ATTENTION_BLOCK) -> None:
-    """Single-head attention over all pixels of `x` (whose statistics are `stats`), by blocks of rows
-    (`attention_rows`) with an online softmax; adds its output into `x`. Holds the keys, the values and one block
-    of scores, computed in place in a buffer made once."""
+def _projections(attention: Attention | wan.AttentionBlock) -> tuple[Callable[..., torch.Tensor], ...]:
+    """(to_q, to_k, to_v, to_out) as functions of tokens `[B, N, C]`: the Linear layers, or the Wan block's 1x1
+    convs (one for queries, keys and values, in that order) as linear maps."""
+    if isinstance(attention, Attention):
+        return attention.to_q, attention.to_k, attention.to_v, attention.to_out[0]
+    c = attention.proj.out_channels
+    weight, bias = attention.to_qkv.weight.view(3 * c, c), attention.to_qkv.bias
+    parts = [lambda t, i=i: F.linear(t, weight[i * c:(i + 1) * c], bias[i * c:(i + 1) * c]) for i in range(3)]
+    return (*parts, lambda t: F.linear(t, attention.proj.weight.view(c, c), attention.proj.bias))
+
+
+def tiled_attention(attention: Attention | wan.AttentionBlock, x: Activation, stats: Stats | None,
+                    block: int = ATTENTION_BLOCK) -> None:
+    """Single-head attention over all pixels of `x` (whose GroupNorm statistics are `stats`; the Wan block's RMS
+    norm needs none), by blocks of rows (`attention_rows`) with an online softmax; adds its output into `x`. Holds
+    the keys, the values and one block of scores, computed in place in a buffer made once."""
     b, c, h, w = x.shape
-    scale, shift = affine(attention.group_norm, stats, x.dtype)
+    to_q, to_k, to_v, to_out = _projections(attention)
+    if isinstance(attention, Attention):
+        scale, shift = affine(attention.group_norm, stats, x.dtype)
     rows_per_block = attention_rows(c, h, w, block)
     row_blocks = [slice(r0, r1) for r0, r1 in spans(h, rows_per_block)]
 
     def tokens(piece: torch.Tensor) -> torch.Tensor:
-        return normalize(piece, scale, shift, silu=False).permute(0, 2, 3, 1).reshape(b, -1, c)
+        normed = (normalize(piece, scale, shift, silu=False) if isinstance(attention, Attention)
+                  else attention.norm(piece))
+        return normed.permute(0, 2, 3, 1).reshape(b, -1, c)
 
     keys = torch.empty(b, h * w, c, dtype=x.dtype, device=x.device)
     values = torch.empty_like(keys)
     for rows in row_blocks:  # filled block by block: only the keys, the values and one block are held
         normed = tokens(x.read(rows, slice(None)))
         start = rows.start * w
-        keys[:, start:start + normed.shape[1]] = attention.to_k(normed)
-        values[:, start:start + normed.shape[1]] = attention.to_v(normed)
+        keys[:, start:start + normed.shape[1]] = to_k(normed)
+        values[:, start:start + normed.shape[1]] = to_v(normed)
     release_freed_memory()
     key_blocks = spans(keys.shape[1], block)
     buffer = keys.new_empty(b * min(rows_per_block, h) * w * min(block, h * w))
     for rows in row_blocks:
         piece = x.read(rows, slice(None))
-        q = attention.to_q(tokens(piece))
+        q = to_q(tokens(piece))
         top = q.new_full((b, q.shape[1], 1), float("-inf"))
         total = q.new_zeros(b, q.shape[1], 1)
         acc = q.new_zeros(b, q.shape[1], c)
@@ -343,6 +374,6 @@ def tiled_attention(attention: Attention, x: Activation, stats: Stats, block: in
             total.mul_(correction).add_(p.sum(-1, keepdim=True))
             acc.mul_(correction).baddbmm_(p, values[:, k0:k1])
             top = new_top
-        out = attention.to_out[0](acc.div_(total)).reshape(b, piece.shape[2], w, c).permute(0, 3, 1, 2)
+        out = to_out(acc.div_(total)).reshape(b, piece.shape[2], w, c).permute(0, 3, 1, 2)
         x.write(rows, slice(None), out.add_(piece))
         release_freed_memory()

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from ..model.config import VaeConfig
-from ..model.network import Decoder, Runner
+from ..model.network import Runner
+from ..model.networks import decoder_network
 from ..model.scaling import LatentScaling, LatentStats
-from ..model.wan import WanDecoder
 from .base import VaeModule
 
 
@@ -22,7 +22,7 @@ class VaeDecoder(VaeModule):
         self.config = config
         n = config.latent_channels
         self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else None
-        self.decoder = (WanDecoder if config.network == "wan" else Decoder)(config)
+        self.decoder = decoder_network(config)
         self.bn = LatentStats(n * config.patch_size[0] ** 2) if config.patch_size else None
         self.to_channels_last()
 

@@ -9,9 +9,9 @@ from torch import nn
 
 from ..model.config import VaeConfig
 from ..model.distribution import DiagonalGaussian
-from ..model.network import Encoder, Runner
+from ..model.network import Runner
+from ..model.networks import encoder_network
 from ..model.scaling import LatentScaling, LatentStats
-from ..model.wan import WanEncoder
 from ..tiled.budget import plan_tiling
 from ..tiled.tiling import TilePlan, tiled_params
 from .base import VaeModule
@@ -25,7 +25,7 @@ class VaeEncoder(VaeModule):
     def __init__(self, config: VaeConfig):
         super().__init__()
         self.config = config
-        self.encoder = (WanEncoder if config.network == "wan" else Encoder)(config)
+        self.encoder = encoder_network(config)
         n = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
         self.bn = LatentStats(config.latent_channels * config.patch_size[0] ** 2) if config.patch_size else None
@@ -61,18 +61,10 @@ class VaeEncoder(VaeModule):
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
         if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
             raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size!r}")
-        plan = self._plan(x, tile_size, max_memory)
+        plan = plan_tiling(self.encoder, self.config, tuple(x.shape), x.dtype, x.device, tile_size, max_memory)
         out = self._guarded(lambda t: self._params(t, plan), x,
                             {"tile_size": tile_size, "max_memory": max_memory}).contiguous()
         return out.unsqueeze(2) if frame else out
-
-    def _plan(self, x: torch.Tensor, tile_size: int | None, max_memory: int | str | None) -> TilePlan | None:
-        if self.config.network != "autoencoder_kl":
-            if tile_size is not None or max_memory is not None:
-                raise ValueError(f"tile_size and max_memory: the {self.config.family or self.config.network} encoder "
-                                 "runs untiled only (exact tiling of the Wan network is not built yet)")
-            return None
-        return plan_tiling(self.encoder, self.config, tuple(x.shape), x.dtype, x.device, tile_size, max_memory)
 
     def encode(self, x: torch.Tensor, tile_size: int | None = None,
                max_memory: int | str | None = None) -> DiagonalGaussian:
