@@ -108,6 +108,7 @@ def test_scaled_latents_are_the_pipelines_own(refs, ours, dtype, pipe):
         got = enc.encode_with_scaling(x, mode=True)
         assert got.shape == (2, 128, 3, 2)
         assert rel_err(got, want) <= TOLERANCE[dtype]
+        assert torch.equal(enc.encode_with_scaling(x), got)  # the mean by default, as FLUX.2's pipelines use
         assert rel_err(dec.decode_with_scaling(want), pipeline_decode(ref, want)) <= TOLERANCE[dtype]
 
 
@@ -248,6 +249,16 @@ def test_a_flux2_file_without_its_bn_statistics_is_refused_naming_the_key(refs, 
         sdvae.load_encoder(tmp_path / "ae.safetensors")
 
 
+def test_a_missing_tensor_of_a_bfl_file_is_named_as_the_file_names_it(refs, tmp_path):
+    bfl = bfl_file(refs[torch.float32].state_dict())
+    for key, load in (("encoder.quant_conv.bias", sdvae.load_encoder), ("decoder.post_quant_conv.weight",
+                                                                         sdvae.load_decoder),
+                      ("encoder.down.1.block.0.nin_shortcut.weight", sdvae.load_encoder)):
+        save_file({k: v.contiguous() for k, v in bfl.items() if k != key}, tmp_path / "ae.safetensors")
+        with pytest.raises(ValueError, match=rf"missing \(read as bfl layout\): {re.escape(key)}$"):
+            load(tmp_path / "ae.safetensors")
+
+
 # --- through sdvae encode / LatentDataset / sdvae decode ---
 
 def test_sdvae_encode_stores_latents_that_read_back_in_the_pipelines_shape(refs, layouts, tmp_path):
@@ -263,7 +274,7 @@ def test_sdvae_encode_stores_latents_that_read_back_in_the_pipelines_shape(refs,
                  "--resolution", "32", "--workers", "0"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["family"] == "flux2" and manifest["latent_scaling"]["patch"] == 2
-    dataset = LatentDataset(out, mode=True)
+    dataset = LatentDataset(out)  # the mean by default for FLUX.2, as its training scripts use
     for item in dataset:
         assert item["latent"].shape == (128, 2, 2)
         pixels = prepare(Image.open(item["source"]).convert("RGB"), (32, 32)).pixels  # (the centre crop)

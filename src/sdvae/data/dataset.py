@@ -227,10 +227,11 @@ class LatentDataset(torch.utils.data.Dataset):
     Each item: `key`, `source`, `caption`, `original_size` (w, h), `crop` (l, t, r, b in the resized image),
     `bucket` (w, h), `flipped`, `mean`, `logvar` and `latent`: the sample, scaled as the family's pipeline does
     (`sdvae.model.scaling`, as the manifest's `latent_scaling` says; FLUX.2's `[128, h/16, w/16]`), with noise seeded
-    by the item's key, `seed` and the epoch (`set_epoch` for fresh noise), or the scaled mean with `mode=True`.
+    by the item's key, `seed` and the epoch (`set_epoch` for fresh noise), or the scaled mean with `mode=True`;
+    by default (`mode=None`) what the family's training scripts use: the mean for FLUX.2, else a sample.
     """
 
-    def __init__(self, root: str | Path, mode: bool = False, seed: int = 0):
+    def __init__(self, root: str | Path, mode: bool | None = None, seed: int = 0):
         self.root = Path(root)
         store = LocalStore(self.root)
         self.manifest = read_manifest(store)
@@ -248,7 +249,8 @@ class LatentDataset(torch.utils.data.Dataset):
         except ShardError as e:
             raise ShardError(f"{e}. To repair the dataset, run the `sdvae encode` command that wrote it again with "
                              "--resume: it encodes that shard's images again") from None
-        self.mode, self.seed, self.epoch = mode, seed, 0
+        self.mode = self.config.uses_mean if mode is None else mode
+        self.seed, self.epoch = seed, 0
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
 
     def set_epoch(self, epoch: int) -> None:

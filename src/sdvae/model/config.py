@@ -135,6 +135,11 @@ class VaeConfig:
         return self.decoder_block_out_channels or self.block_out_channels
 
     @property
+    def uses_mean(self) -> bool:
+        """Whether the family's pipelines and training scripts feed the transformer the mean, not a sample (FLUX.2)."""
+        return self.patch_size is not None
+
+    @property
     def latent_multiple(self) -> int:
         """Pixels that image sides must be a multiple of for the scaled latents (16 for FLUX.2's 2x2 patches)."""
         return self.downsample_factor * (self.patch_size[0] if self.patch_size else 1)

@@ -73,13 +73,14 @@ class VaeEncoder(VaeModule):
 
     def encode_with_scaling(self, x: torch.Tensor, seed: int | Sequence[int] | None = None,
                             generator: torch.Generator | list[torch.Generator] | None = None,
-                            mode: bool = False, tile_size: int | None = None,
+                            mode: bool | None = None, tile_size: int | None = None,
                             max_memory: int | str | None = None) -> torch.Tensor:
         """Latents ready for a diffusion model: `(z - shift_factor) * scaling_factor`, per channel where the config
         has statistics; FLUX.2's patchified 2x2 and normalized by its `bn` statistics, `[B, 128, H/16, W/16]`.
 
         `z` is a sample (seeded per image with `seed`, or drawn from `generator` as diffusers does) or, with
-        `mode=True`, the mean (what the FLUX.2 pipelines use).
+        `mode=True`, the mean. By default (`mode=None`) it is what the family's pipelines use: the mean for FLUX.2
+        unless a seed or generator asks for a sample, else a sample.
         """
         x, frame = self._one_frame(x, "images")
         multiple = self.config.latent_multiple
@@ -88,6 +89,8 @@ class VaeEncoder(VaeModule):
                              f"of {multiple} px (the raw forward/encode take multiples of "
                              f"{self.config.downsample_factor})")
         dist = self.encode(x, tile_size=tile_size, max_memory=max_memory)
+        if mode is None:
+            mode = self.config.uses_mean and seed is None and generator is None
         if mode:
             if seed is not None or generator is not None:
                 raise ValueError("mode=True takes no seed or generator: it returns the mean")
