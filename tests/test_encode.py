@@ -189,6 +189,37 @@ def test_sigkill_then_resume_stores_every_image_once(model, images, tmp_path):
     assert not list(out.rglob(".*.tmp"))
 
 
+def test_sigterm_unwinds_like_ctrl_c_exits_143_and_resume_finishes(model, tmp_path):
+    """A scheduler's SIGTERM: the temporary files are removed, the complete shards kept, the message says --resume."""
+    inputs = tmp_path / "many"
+    inputs.mkdir()
+    for i in range(16):
+        Image.fromarray(noise(64, 80, seed=200 + i)).save(inputs / f"{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sdvae", "encode", str(inputs), "--model", str(model), "--output", str(out),
+           "--resolution", "64", "--shard-size", "2", "--batch-size", "1", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metadata" / "00001.parquet").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, said = proc.communicate(timeout=120)
+    assert proc.returncode == 143, said
+    assert "sdvae: terminated (complete shards are kept: the same command with --resume goes on)" in said
+    assert "Traceback" not in said
+    assert not list(out.rglob(".*.tmp"))
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(d["key"] for d in LatentDataset(out)) == [f"{i:02d}.png" for i in range(16)]
+
+
+def test_negative_workers_are_refused(model, images, tmp_path, capsys):
+    assert main(["encode", str(images / "a.png"), "--model", str(model), "--output", str(tmp_path / "out"),
+                 "--workers", "-1"]) == 2
+    assert "workers must be 0 (decode in this process) or more, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_worker_processes_give_the_same_dataset_as_inline_decoding(model, images, tmp_path):
     runs = {}
     for workers in ("0", "2"):

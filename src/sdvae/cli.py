@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import sys
 from pathlib import Path
 
@@ -214,9 +215,28 @@ def _quiet_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, `kill`): unwound like Ctrl-C, so open files are closed and removed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
+    try:
+        return _run(args)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its errors as messages and exit statuses (README, "Exit status")."""
     try:
         status = args.run(args)
         sys.stdout.flush()  # (a closed pipe fails here, not at exit)
@@ -227,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, ConnectionError) as e:
         print(f"sdvae: error: {_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         kept = " (complete shards are kept: the same command with --resume goes on)" if args.command == "encode" else ""
-        print(f"sdvae: interrupted{kept}", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print(f"sdvae: {'terminated' if terminated else 'interrupted'}{kept}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ class LocalEngine:
     """Runs here: `runtime` says how the encoder runs, `workers` how many processes decode (0: inline)."""
 
     def __init__(self, runtime: Runtime = Runtime(), workers: int = 0):
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise ValueError(f"workers must be 0 (decode in this process) or more, got {workers!r}")
         self.runtime, self.workers = runtime, workers
 
     def check(self) -> None:
