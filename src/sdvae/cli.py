@@ -7,8 +7,8 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
 from pathlib import Path
 
 from .data.prepare import DEFAULT_MAX_PIXELS
