@@ -52,9 +52,9 @@ def loaded_from(ref: AutoencoderKL, config: VaeConfig,
     with torch.device("meta"):
         enc, dec = VaeEncoder(config).to(dtype), VaeDecoder(config).to(dtype)
     state = ref.state_dict()
-    load_weights(enc, state, strict=True)
-    load_weights(dec, state, strict=True)
-    return enc, dec
+    for module in (enc, dec):
+        module.load_report = load_weights(module, state, strict=True)
+    return enc.eval(), dec.eval()
 
 
 def random_images(batch: int, height: int, width: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:

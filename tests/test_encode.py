@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,19 +164,29 @@ def test_reader_refuses_shards_with_other_settings(model, images, tmp_path):
         LatentDataset(out)
 
 
-def test_sigkill_then_resume_stores_every_image_once(model, images, tmp_path):
+def start_encode(model: Path, tmp_path: Path, images: int, workers: int, shards_first: int
+                 ) -> tuple[list[str], Path, subprocess.Popen]:
+    """`sdvae encode` of `images` PNGs (two per shard) in a child process, once `shards_first` shards are stored;
+    its error output goes to `tmp_path / "stderr.txt"`."""
     inputs = tmp_path / "many"
     inputs.mkdir()
-    for i in range(24):
+    for i in range(images):
         Image.fromarray(noise(64 + i, 80, seed=100 + i)).save(inputs / f"{i:02d}.png")
     (inputs / "zz-broken.png").write_bytes(b"broken")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "sdvae", "encode", str(inputs), "--model", str(model), "--output", str(out),
-           "--resolution", "64", "--shard-size", "2", "--batch-size", "1", "--workers", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+           "--resolution", "64", "--shard-size", "2", "--batch-size", "1", "--workers", str(workers)]
+    with open(tmp_path / "stderr.txt", "w") as said:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=said, start_new_session=True)
+    marker = out / "metadata" / f"{shards_first - 1:05d}.parquet"
     deadline = time.time() + 120
-    while not (out / "metadata" / "00002.parquet").exists() and time.time() < deadline and proc.poll() is None:
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    return cmd, out, proc
+
+
+def test_sigkill_then_resume_stores_every_image_once(model, tmp_path):
+    cmd, out, proc = start_encode(model, tmp_path, images=24, workers=0, shards_first=3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stored = len(list((out / "metadata").glob("*.parquet")))
@@ -191,25 +202,16 @@ def test_sigkill_then_resume_stores_every_image_once(model, images, tmp_path):
 
 def test_sigterm_unwinds_like_ctrl_c_exits_143_and_resume_finishes(model, tmp_path):
     """A scheduler's SIGTERM: the temporary files are removed, the complete shards kept, the message says --resume."""
-    inputs = tmp_path / "many"
-    inputs.mkdir()
-    for i in range(16):
-        Image.fromarray(noise(64, 80, seed=200 + i)).save(inputs / f"{i:02d}.png")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "sdvae", "encode", str(inputs), "--model", str(model), "--output", str(out),
-           "--resolution", "64", "--shard-size", "2", "--batch-size", "1", "--workers", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "metadata" / "00001.parquet").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    cmd, out, proc = start_encode(model, tmp_path, images=16, workers=2, shards_first=2)
     proc.send_signal(signal.SIGTERM)
-    _, said = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    said = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 143, said
     assert "sdvae: terminated (complete shards are kept: the same command with --resume goes on)" in said
     assert "Traceback" not in said
     assert not list(out.rglob(".*.tmp"))
     result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # (the broken file)
     assert sorted(d["key"] for d in LatentDataset(out)) == [f"{i:02d}.png" for i in range(16)]
 
 

@@ -14,11 +14,11 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from PIL import Image
-from reference import diffusers_to_ldm, random_images, rel_err
+from reference import diffusers_to_ldm, loaded_from, random_images, reference_vae, rel_err
 from safetensors.torch import save_file
 
 import sdvae
-from sdvae import LatentDataset, VaeConfig, VaeDecoder, VaeEncoder, load_weights
+from sdvae import LatentDataset, VaeConfig
 from sdvae.cli import main
 from sdvae.data.prepare import prepare
 
@@ -29,20 +29,12 @@ KWARGS = dict(block_out_channels=[32, 64, 64, 64], decoder_block_out_channels=[3
               norm_num_groups=32, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 
 
-def flux2_reference(dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderKLFlux2:
+CONFIG = VaeConfig.from_diffusers({**KWARGS, "_class_name": "AutoencoderKLFlux2"})
+
+
+def flux2_reference(dtype: torch.dtype = torch.float32) -> AutoencoderKLFlux2:
     """diffusers' FLUX.2 VAE with fresh random weights, perturbed norms and biases, and random bn statistics."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(**KWARGS)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-        vae.bn.running_mean.normal_()
-        vae.bn.running_var.uniform_(0.3, 3.0)
-        vae.bn.num_batches_tracked.fill_(7)
-    return vae.to(dtype).eval()
+    return reference_vae(CONFIG, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +45,12 @@ def refs():
 @pytest.fixture(scope="module")
 def ours(refs):
     """Our encoder and decoder of each dtype, loaded strictly from diffusers' state dict."""
-    out = {}
-    for dtype, ref in refs.items():
-        config = VaeConfig.from_diffusers(dict(ref.config))
-        enc, dec = VaeEncoder(config).to(dtype).eval(), VaeDecoder(config).to(dtype).eval()
-        for module in (enc, dec):
-            report = load_weights(module, ref.state_dict(), strict=True)
-            assert "bn.num_batches_tracked" in report.dropped and not report.foreign
-        out[dtype] = enc, dec
-    return out
+    return {dtype: loaded_from(ref, CONFIG, dtype) for dtype, ref in refs.items()}
+
+
+def test_bn_num_batches_tracked_is_reported_unused_not_foreign(ours):
+    for module in ours[torch.float32]:
+        assert "bn.num_batches_tracked" in module.load_report.dropped and not module.load_report.foreign
 
 
 def pipeline(ref: AutoencoderKLFlux2) -> SimpleNamespace:

@@ -13,11 +13,11 @@ from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img import QwenImageImg2ImgPipeline
 from PIL import Image
-from reference import random_images, rel_err
+from reference import loaded_from, random_images, reference_vae, rel_err
 from safetensors.torch import save_file
 
 import sdvae
-from sdvae import LatentDataset, VaeConfig, VaeDecoder, VaeEncoder, load_weights
+from sdvae import LatentDataset, VaeConfig
 from sdvae.cli import main
 from sdvae.data.prepare import prepare
 
@@ -26,17 +26,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 KWARGS = dict(base_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2)
 
 
-def qwen_reference(dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderKLQwenImage:
+CONFIG = VaeConfig.from_diffusers({**KWARGS, "_class_name": "AutoencoderKLQwenImage"})
+
+
+def qwen_reference(dtype: torch.dtype = torch.float32) -> AutoencoderKLQwenImage:
     """diffusers' Qwen-Image VAE with fresh random weights, its RMS norms' gammas and the biases perturbed."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(**KWARGS)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return vae.to(dtype).eval()
+    return reference_vae(CONFIG, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +41,12 @@ def refs():
 
 @pytest.fixture(scope="module")
 def ours(refs):
-    out = {}
-    for dtype, ref in refs.items():
-        config = VaeConfig.from_diffusers({**ref.config, "_class_name": "AutoencoderKLQwenImage"})
-        enc, dec = VaeEncoder(config).to(dtype).eval(), VaeDecoder(config).to(dtype).eval()
-        for module in (enc, dec):
-            report = load_weights(module, ref.state_dict(), strict=True)
-            assert any(".time_conv." in k for k in report.dropped) and not report.foreign
-        out[dtype] = enc, dec
-    return out
+    return {dtype: loaded_from(ref, CONFIG, dtype) for dtype, ref in refs.items()}
+
+
+def test_the_temporal_convs_are_reported_unused_not_foreign(ours):
+    for module in ours[torch.float32]:
+        assert any(".time_conv." in k for k in module.load_report.dropped) and not module.load_report.foreign
 
 
 def test_the_config_is_read_from_diffusers():
