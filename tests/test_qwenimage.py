@@ -288,6 +288,13 @@ def test_an_sd_file_given_family_qwenimage_is_refused(tmp_path, model):
         sdvae.load_encoder(model, family="qwenimage")
 
 
+def test_a_wan_file_given_another_family_is_refused_naming_the_family_it_fits(layouts):
+    for family in ("sd15", "flux2"):
+        with pytest.raises(ValueError, match=rf"not a {family} VAE: its weights have network 'wan'.*; they fit "
+                                             r"qwenimage$"):
+            sdvae.load_encoder(layouts["Wan2.1_VAE.pth"], family=family)
+
+
 # --- through sdvae encode ---
 
 def test_sdvae_encode_stores_latents_normalized_as_the_pipeline_does(refs, layouts, tmp_path):

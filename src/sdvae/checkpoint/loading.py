@@ -316,7 +316,7 @@ def _infer_family(keys: list[str], arch: dict[str, Any]) -> tuple[str | None, li
         return marked[0], marked
     if len(fits) == 1:
         return fits[0], fits
-    if not fits and "patch_size" in arch:  # bn statistics: FLUX.2's alone, whatever the widths
+    if not fits and arch.get("patch_size"):  # bn statistics: FLUX.2's alone, whatever the widths
         return "flux2", ["flux2"]
     if not fits and arch.get("network") == "wan":  # the Wan network: Qwen-Image's (= Wan 2.1's), whatever the widths
         return "qwenimage", ["qwenimage"]
@@ -411,10 +411,10 @@ def _family_config(path: Path, tensors: Mapping[str, Any], keymap: KeyMap, famil
         arch = _infer_architecture(tensors, keymap)
     except KeyError:
         return preset  # (incomplete: loading names the missing tensor)
+    fits = _infer_family(list(tensors.keys()), arch)[1]
     arch.setdefault("patch_size", preset.patch_size)  # (where bn is missing, loading names it)
     wrong = [f for f in _IDENTITY_FIELDS if f in arch and arch[f] != getattr(preset, f)]
     if wrong:
-        fits = _infer_family(list(tensors.keys()), arch)[1]
         raise ValueError(f"{path}: not a {family} VAE: its weights have "
                          f"{', '.join(f'{f} {arch[f]!r}' for f in wrong)}, where {family} has "
                          f"{', '.join(f'{f} {getattr(preset, f)!r}' for f in wrong)}"
