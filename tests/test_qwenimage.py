@@ -15,6 +15,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img import QwenImageIm
 from PIL import Image
 from reference import loaded_from, random_images, reference_vae, rel_err
 from safetensors.torch import save_file
+from test_flux2 import bfl_file, flux2_reference
 
 import sdvae
 from sdvae import LatentDataset, VaeConfig
@@ -297,7 +298,7 @@ def test_a_wan_file_given_another_family_is_refused_naming_the_family_it_fits(la
 
 # --- through sdvae encode ---
 
-def test_sdvae_encode_stores_latents_normalized_as_the_pipeline_does(refs, layouts, tmp_path):
+def test_sdvae_encode_stores_latents_normalized_as_the_pipeline_does(refs, layouts, tmp_path, capsys):
     ref = refs[torch.float32]
     images = tmp_path / "images"
     images.mkdir()
@@ -320,6 +321,10 @@ def test_sdvae_encode_stores_latents_normalized_as_the_pipeline_does(refs, layou
             want = (ref.encode(x).latent_dist.mode() - latents_mean) * inverse_std
         assert rel_err(item["latent"], want[0, :, 0]) <= 1e-5
     assert main(["decode", str(out), "--out", str(tmp_path / "preview.png")]) == 0
+    flux2 = tmp_path / "ae.safetensors"  # another family's decoder: refused, naming both families
+    save_file({k: v.contiguous() for k, v in bfl_file(flux2_reference().state_dict()).items()}, flux2)
+    assert main(["decode", str(out), "--model", str(flux2), "--out", str(tmp_path / "x.png")]) == 2
+    assert "a flux2 VAE, but" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     tiled = tmp_path / "tiled"
     assert main(["encode", str(images), "--model", str(layouts["Wan2.1_VAE.pth"]), "--output", str(tiled),
                  "--resolution", "32", "--workers", "0", "--tile-size", "16"]) == 0

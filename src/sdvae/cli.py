@@ -79,7 +79,7 @@ def _encode(args: argparse.Namespace) -> int:
 def _decode(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint.loading import load_decoder
+    from .checkpoint.loading import load_decoder, open_checkpoint
     from .data.dataset import LatentDataset
     from .data.images import save_format, tensor_to_image
     from .data.job import check_device
@@ -91,6 +91,11 @@ def _decode(args: argparse.Namespace) -> int:
     if args.model is None and not Path(model).exists():
         raise FileNotFoundError(f"{args.dir}: the checkpoint it was encoded with, {model}, is not there; "
                                 "name it with --model")
+    if args.model is not None:  # another file than the one that encoded them: it must be of the same family
+        found, wanted = open_checkpoint(args.model).config.family, dataset.manifest.get("family")
+        if None not in (found, wanted) and found != wanted:
+            raise ValueError(f"{args.model}: a {found} VAE, but {args.dir} holds {wanted} latents; decode them with "
+                             f"a {wanted} decoder (they were encoded with {dataset.manifest['model']['file']})")
     decoder = load_decoder(model, config=dataset.config, device=args.device)
     pictures = []
     for index in args.index:
