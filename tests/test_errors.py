@@ -193,4 +193,4 @@ def test_the_readme_and_encode_help_give_the_same_exit_statuses(capsys):
         main(["encode", "--help"])
     epilog = " ".join(capsys.readouterr().out.split("exit status:")[1].split())
     assert re.findall(r"^\| (\d+) \| ", readme, re.M) == re.findall(r"(\d+) when", epilog) == \
-        ["0", "1", "2", "130", "141"]
+        ["0", "1", "2", "130", "143", "141"]

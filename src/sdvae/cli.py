@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                "arguments or device, no images, an input that is not there, a list that is not text, a checkpoint "
                "that cannot be loaded, a Parquet image column without image bytes, an output holding other things "
                "or written by another run, a write that failed such as a full disk; complete shards are kept for "
-               "--resume); 130 when interrupted (the same); 141 when the output went into a pipe that closed early.")
+               "--resume); 130 when interrupted (the same); 143 when terminated by SIGTERM (the same); 141 when the "
+               "output went into a pipe that closed early.")
     encode.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (recursive), text files of paths, WebDataset .tar shards, "
                              ".parquet files, or brace patterns like data/{00000..00099}.tar")
