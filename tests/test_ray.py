@@ -113,6 +113,30 @@ def test_flux2_and_qwenimage_on_ray_equal_the_local_engine(inputs, tmp_path):
         ray.shutdown()
 
 
+def test_musubi_cache_files_on_ray_equal_the_local_engines(inputs, tmp_path):
+    """`--format musubi` through the Ray engine: its actors write the same musubi-tuner cache files."""
+    from safetensors.torch import load_file
+    from test_qwenimage import qwen_reference, wan_file
+
+    model = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(wan_file(qwen_reference().state_dict()), model)
+    files = [f for f in inputs if not f.endswith((".tar", ".parquet"))]  # (musubi reads image files)
+    settings = Settings(resolution=32, max_pixels=10**6, format="musubi", buckets=True)
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    encode_dataset(files, str(model), local, settings, shard_size=2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        encode_dataset(files, str(model), remote, settings, shard_size=2,
+                       engine=RayEngine(Runtime(batch_size=2), actors=1, actor_cpus=1.0))
+    finally:
+        ray.shutdown()
+    names = sorted(p.name for p in local.glob("*_qi.safetensors"))
+    assert names and names == sorted(p.name for p in remote.glob("*_qi.safetensors"))
+    for name in names:
+        want, got = load_file(local / name), load_file(remote / name)
+        assert want.keys() == got.keys() and all(rel_err(got[k], want[k]) <= 1e-5 for k in want), name
+
+
 def test_ray_engine_on_a_two_node_cluster_equals_the_local_engine(model, inputs, local, tmp_path):
     # 3 CPUs in all for 2 actors of 1 CPU and decoding tasks of 0.5: whatever the placement, both nodes work
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

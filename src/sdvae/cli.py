@@ -60,7 +60,8 @@ def _encode(args: argparse.Namespace) -> int:
     from .data.job import Runtime, Settings
 
     settings = Settings(resolution=args.resolution, buckets=args.buckets, crop=args.crop, flip=args.flip,
-                        seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels)
+                        seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels,
+                        format=args.format, arch=args.arch, bucket_no_upscale=args.bucket_no_upscale)
     runtime = Runtime(batch_size=args.batch_size, device=args.device, tile_size=args.tile_size,
                       max_memory=args.max_memory, compile=args.compile)
     options = ({"workers": _workers(args)} if args.engine == "local" else
@@ -145,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target side in pixels (default: the config's sample_size); refused before anything is "
                              "written when a target's pixels exceed --max-pixels or it cannot be encoded within "
                              "--max-memory")
+    encode.add_argument("--format", choices=("sdvae", "musubi"), default="sdvae",
+                        help="musubi: also write musubi-tuner's latent cache files into --output, by its buckets and "
+                             "resize (FLUX.2, Qwen-Image, Z-Image; see the README); default: %(default)s only")
+    encode.add_argument("--arch", help="with --format musubi: the musubi architecture named in its files (f2d, f2k4b, "
+                                       "f2k9b, qi, qie, zi; default: the VAE family's base model)")
+    encode.add_argument("--bucket-no-upscale", action="store_true",
+                        help="with --format musubi --buckets: images no larger than the area keep their size "
+                             "(rounded down to 16), as musubi-tuner's bucket_no_upscale")
     encode.add_argument("--buckets", action="store_true",
                         help="aspect-ratio buckets of area ~resolution^2, sides multiples of 64 "
                              "(default: square crops)")

@@ -75,10 +75,13 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 
 
 def write_shard_data(store: LocalStore, index: int, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]],
-                     errors: list[dict[str, Any]], settings: str) -> None:
-    """Write one shard's latents and error records (a worker's part; the shard is not complete yet)."""
+                     errors: list[dict[str, Any]], settings: str, files: dict[str, bytes] | None = None) -> None:
+    """Write one shard's latents and error records, and the trainer cache files made of them (`files`, by name),
+    each under a temporary name then renamed (a worker's part; the shard is not complete yet)."""
     from safetensors.torch import save
 
+    for file_name, data in (files or {}).items():
+        store.write(file_name, data)
     name = shard_name(index)
     metadata = {"settings_id": settings, "rows": rows_digest(rows)}
     store.write(f"shards/{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))

@@ -21,6 +21,7 @@ from ..model.config import VaeConfig
 from ..model.networks import encoder_network
 from ..tiled.budget import plan_tiling
 from ..util import COMPUTE_DTYPES, spans
+from . import musubi
 from .dataset import (
     FORMAT,
     MANIFEST,
@@ -37,12 +38,13 @@ from .dataset import (
     write_jsonl,
 )
 from .prepare import DEFAULT_MAX_PIXELS, make_buckets
-from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, list_inputs
+from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, list_inputs, printable
 from .store import LocalStore
 
 log = logging.getLogger("sdvae")
 
 STORE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
+FORMATS = ("sdvae", "musubi")
 SHARD_BYTES = 64 * 2**20
 
 
@@ -65,6 +67,9 @@ class Settings:
     dtype: str = "float32"
     store_dtype: str = "float32"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    format: str = "sdvae"  # or "musubi": musubi-tuner's cache files too, its buckets and resize (`sdvae.data.musubi`)
+    arch: str | None = None  # the musubi architecture (None: the VAE family's base model's)
+    bucket_no_upscale: bool = False  # (musubi) an image no larger than the area keeps its size, rounded down to 16
 
     def __post_init__(self) -> None:
         check_counts(resolution=self.resolution, max_pixels=self.max_pixels)
@@ -78,13 +83,20 @@ class Settings:
                 raise ValueError(f"resolution {self.resolution} makes targets of {pixels} pixels, over max_pixels "
                                  f"{self.max_pixels}")
         for name, allowed in (("crop", ("center", "random")), ("dtype", COMPUTE_DTYPES),
-                              ("store_dtype", COMPUTE_DTYPES)):
+                              ("store_dtype", COMPUTE_DTYPES), ("format", FORMATS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.format == "musubi" and (self.crop != "center" or self.flip):
+            raise ValueError("--format musubi: musubi-tuner crops the centre and caches no flipped latents; "
+                             "drop --crop random and --flip")
+        if self.format != "musubi" and (self.arch is not None or self.bucket_no_upscale):
+            raise ValueError("--arch and --bucket-no-upscale are musubi-tuner's: use them with --format musubi")
 
     def targets(self) -> list[tuple[int, int]]:
         """The (width, height) of every target an image may be cropped to: the buckets, or the square."""
-        return make_buckets(self.resolution) if self.buckets else [(self.resolution, self.resolution)]
+        if not self.buckets:
+            return [(self.resolution, self.resolution)]
+        return musubi.buckets(self.resolution) if self.format == "musubi" else make_buckets(self.resolution)
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,10 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     checkpoint = open_checkpoint(model, family=family)
     if settings.resolution is None:
         settings = replace(settings, resolution=checkpoint.config.sample_size)
+    if settings.format == "musubi":
+        musubi.check_opencv()
+        settings = replace(settings, arch=musubi.architecture(checkpoint.config.family, settings.arch))
+        _refuse_shared_stems(items)
     multiple = checkpoint.config.latent_multiple
     if any(side % multiple for target in settings.targets() for side in target):
         raise ValueError(f"resolution {settings.resolution}: image sides must be multiples of {multiple} px for the "
@@ -163,6 +179,19 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     todo = _shards_to_do(store, shards, manifest["settings_id"])
     log.info("%d inputs in %d shards, %d shard(s) to encode into %s", len(items), len(shards), len(todo), store)
     return Job(store, manifest, settings, manifest["model"]["file"], shards, todo)
+
+
+def _refuse_shared_stems(items: list[Item]) -> None:
+    """musubi-tuner names a cache file by the image's stem alone: two inputs of one stem would share it."""
+    seen: dict[str, Item] = {}
+    for item in items:
+        stem = musubi.cache_name(item.key, (0, 0), "")
+        if stem in seen:
+            first = seen[stem]
+            raise ValueError(f"--format musubi: {printable(first.key)} ({printable(first.source)}) and "
+                             f"{printable(item.key)} ({printable(item.source)}) have the same file stem, so "
+                             "musubi-tuner would give them one cache file; rename one")
+        seen[stem] = item
 
 
 def refuse_foreign(store: LocalStore) -> dict[str, Any] | None:

@@ -44,7 +44,8 @@ class LocalEngine:
             for index, shard in zip(job.todo, prepared):
                 tensors, rows, errors = shard_encoder(shard, tally.progress.update)
                 tally.progress.update(len(errors), failed=len(errors))
-                write_shard_data(job.store, index, tensors, rows, errors, job.settings_id)
+                write_shard_data(job.store, index, tensors, rows, errors, job.settings_id,
+                                 shard_encoder.format_files(tensors, rows))
                 write_shard_marker(job.store, index, rows, job.settings_id)
                 tally.done(index, len(errors))
         return tally.counts

@@ -44,7 +44,12 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode an image (a file, or its encoded bytes) as 8-bit RGB: EXIF orientation applied, alpha composited
-    on white, 16-bit scaled down.
+    on white, 16-bit scaled down. Errors as `open_image`'s."""
+    return to_rgb(open_image(source, max_pixels))
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, orient: bool = True):
+    """Decode an image (a file, or its encoded bytes), EXIF orientation applied unless `orient` is False.
 
     Raises ImageError for unreadable, truncated, empty or oversized (decompression bomb) files: over `max_pixels`,
     which replaces Pillow's own limit (89 MP with a warning, an error from 179 MP).
@@ -58,7 +63,7 @@ def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
             if im.width * im.height > max_pixels:
                 raise ImageError(f"{im.width}x{im.height} is over the {max_pixels}-pixel limit "
                                  "(decompression-bomb guard; raise --max-pixels to allow it)")
-            im = ImageOps.exif_transpose(im)
+            im = ImageOps.exif_transpose(im) if orient else im.copy()  # (a copy: the file closes below)
             im.load()
     except ImageError:
         raise
@@ -68,7 +73,7 @@ def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise ImageError(f"cannot decode: {e}") from None
     finally:
         image_cls.MAX_IMAGE_PIXELS = pillow_limit
-    return to_rgb(im)
+    return im
 
 
 def to_rgb(im):

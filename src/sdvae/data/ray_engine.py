@@ -63,7 +63,8 @@ class _EncodeShards:
         out: dict[str, list[Any]] = {"shard": [], "rows": [], "failed": []}
         for index, prepared in zip(batch["shard"], batch["prepared"]):
             tensors, rows, errors = self.encoder(pickle.loads(prepared))
-            write_shard_data(self.store, int(index), tensors, rows, errors, self.settings_id)
+            write_shard_data(self.store, int(index), tensors, rows, errors, self.settings_id,
+                             self.encoder.format_files(tensors, rows))
             out["shard"].append(int(index))
             out["rows"].append(json.dumps(rows))
             out["failed"].append(len(errors))

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from ..checkpoint.loading import load_encoder
+from . import musubi
 from .job import STORE_DTYPES, Runtime, Settings
-from .prepare import ImageError, Prepared, load_rgb, make_buckets, prepare, target_size
+from .prepare import ImageError, Prepared, load_rgb, make_buckets, open_image, prepare, target_size
 from .sources import Item, printable, read_images
 
 
@@ -33,12 +34,25 @@ def prepare_shard(items: list[Item], settings: Settings, base: str | None = None
             out.append((item, data))
             continue
         try:
+            if settings.format == "musubi":
+                out.append((item, _musubi_prepare(data, settings)))
+                continue
             im = load_rgb(data, settings.max_pixels)
             target = target_size(im.width, im.height, settings.resolution, buckets)
             out.append((item, prepare(im, target, settings.crop, random.Random(f"{settings.seed}|{item.key}"))))
         except (ImageError, OSError) as e:
             out.append((item, str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"))
     return out
+
+
+def _musubi_prepare(data: str | bytes, settings: Settings) -> Prepared:
+    """An image as musubi-tuner's caching sees it: as stored (no EXIF rotation), RGB or RGBA, its bucket, resized
+    and cropped by its rules, the alpha channel dropped after (`sdvae.data.musubi`)."""
+    im = open_image(data, settings.max_pixels, orient=False)
+    im = im if im.mode in ("RGB", "RGBA") else im.convert("RGB")
+    bucket = musubi.bucket_for(im.size, settings.resolution, settings.buckets, settings.bucket_no_upscale)
+    pixels, crop = musubi.resize_to_bucket(im, bucket)
+    return Prepared(np.ascontiguousarray(pixels[..., :3]), im.size, crop, bucket)
 
 
 class ShardEncoder:
@@ -95,6 +109,16 @@ class ShardEncoder:
         errors += [item.record(failed[item.key]) for item, result in prepared
                    if not isinstance(result, str) and item.key in failed]
         return tensors, rows, errors
+
+    def format_files(self, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]]) -> dict[str, bytes]:
+        """The trainer's cache files of a shard's latents, by name in the output folder: musubi-tuner's with
+        `--format musubi`, else none."""
+        if self.settings.format != "musubi":
+            return {}
+        arch, scaling = self.settings.arch, self.encoder.scaling
+        return {musubi.cache_name(row["key"], row["original_size"], arch):
+                musubi.cache_file(arch, musubi.cache_latent(arch, tensors[f"mean_{row['tensor']}"][row["row"]],
+                                                            scaling), row["original_size"]) for row in rows}
 
     def _encode(self, pixels: np.ndarray):
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.encoder.device, torch.float32) / 127.5 - 1.0

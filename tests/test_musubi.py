@@ -1,0 +1,201 @@
+"""`sdvae encode --format musubi`: musubi-tuner's latent cache files, checked against an independent reading of its
+rules (kohya-ss/musubi-tuner `dataset/bucket.py` BucketSelector, `dataset/media_utils.py` resize_image_to_bucket,
+`dataset/cache_io.py`, the FLUX.2 / Qwen-Image / Z-Image caching scripts), without musubi-tuner installed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from PIL import Image
+from reference import rel_err
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_flux2 import bfl_file, flux2_reference, pipeline
+from test_qwenimage import qwen_reference, wan_file
+
+from sdvae.cli import main
+from sdvae.data import musubi
+
+
+def selector_bucket(size: tuple[int, int], resolution: int, no_upscale: bool) -> tuple[int, int]:
+    """musubi's BucketSelector for a square resolution, step 16, as its source reads."""
+    area = resolution * resolution
+    if no_upscale and size[0] * size[1] <= area:
+        return size[0] - size[0] % 16, size[1] - size[1] % 16
+    sqrt_size = int(math.sqrt(area))
+    min_size = sqrt_size // 2 - (sqrt_size // 2) % 16
+    options = set()
+    for w in range(min_size, sqrt_size + 16, 16):
+        h = area // w - (area // w) % 16
+        options.add((w, h))
+        options.add((h, w))
+    options = sorted(options)
+    ratios = np.array([w / h for w, h in options])
+    return options[int(np.abs(ratios - size[0] / size[1]).argmin())]
+
+
+def musubi_pixels(image: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
+    """musubi's resize_image_to_bucket, then its alpha slice."""
+    if image.size != bucket:
+        scale = max(bucket[0] / image.width, bucket[1] / image.height)
+        w, h = int(image.width * scale + 0.5), int(image.height * scale + 0.5)
+        if scale > 1:
+            image = np.array(image.resize((w, h), Image.LANCZOS))
+        else:
+            image = cv2.resize(np.array(image), (w, h), interpolation=cv2.INTER_AREA)
+        left, top = (w - bucket[0]) // 2, (h - bucket[1]) // 2
+        image = image[top:top + bucket[1], left:left + bucket[0]]
+    return np.array(image)[..., :3]
+
+
+@pytest.mark.parametrize("size, no_upscale, want", [((1500, 1000), False, (1248, 832)),
+                                                    ((800, 600), False, (1184, 880)), ((800, 600), True, (800, 592)),
+                                                    ((1920, 1080), False, (1360, 768))])
+def test_buckets_are_musubis_worked_examples(size, no_upscale, want):
+    assert musubi.bucket_for(size, 1024, True, no_upscale) == want == selector_bucket(size, 1024, no_upscale)
+
+
+def test_buckets_agree_with_the_selector_on_many_sizes():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        size = (int(rng.integers(8, 5000)), int(rng.integers(8, 5000)))
+        for resolution in (256, 512, 960):
+            for no_upscale in (False, True):
+                assert musubi.bucket_for(size, resolution, True, no_upscale) == selector_bucket(size, resolution,
+                                                                                                no_upscale)
+    assert musubi.bucket_for((3000, 10), 512, False, False) == (512, 512)  # no buckets: the square as it is
+
+
+@pytest.mark.parametrize("size, mode", [((300, 200), "RGB"), ((60, 45), "RGB"), ((200, 200), "RGBA"),
+                                        ((33, 500), "RGBA"), ((64, 64), "RGB")])
+def test_resize_is_musubis(size, mode):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8), mode)
+    bucket = musubi.bucket_for(size, 64, True, False)
+    pixels, crop = musubi.resize_to_bucket(image, bucket)
+    assert np.array_equal(pixels[..., :3], musubi_pixels(image, bucket))
+    assert (crop[2] - crop[0], crop[3] - crop[1]) == bucket
+
+
+def images(folder: Path) -> dict[str, tuple[int, int]]:
+    """PNGs of many sizes and a JPEG whose EXIF says rotate (musubi ignores it): name -> stored size."""
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    sizes = {"wide.png": (150, 100), "tall.png": (40, 64), "strip.png": (300, 24), "alpha.png": (70, 70)}
+    for name, (w, h) in sizes.items():
+        mode = "RGBA" if name == "alpha.png" else "RGB"
+        Image.fromarray(rng.integers(0, 255, (h, w, len(mode)), dtype=np.uint8), mode).save(folder / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(folder / "turned.jpg", exif=exif)
+    return sizes | {"turned.jpg": (80, 48)}
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def encode(*args: object) -> int:
+    return main(["encode", *map(str, args), "--workers", "0", "--resolution", "64", "--buckets"])
+
+
+def test_flux2_files_hold_the_pipelines_latents_of_musubis_pixels(tmp_path):
+    ref = flux2_reference()
+    model = tmp_path / "ae.safetensors"
+    save_file({k: v.contiguous() for k, v in bfl_file(ref.state_dict()).items()}, model)
+    sizes = images(tmp_path / "imgs")
+    out = tmp_path / "cache"
+    assert encode(tmp_path / "imgs", "--model", model, "--output", out, "--format", "musubi") == 0
+    assert json.loads((out / "manifest.json").read_text())["settings"]["arch"] == "f2d"
+    for name, (w, h) in sizes.items():
+        path = out / f"{Path(name).stem}_{w:04d}x{h:04d}_f2d.safetensors"
+        tensors, metadata = read(path)
+        assert metadata == {"architecture": "flux_2_dev", "width": str(w), "height": str(h), "format_version": "1.0.1"}
+        bucket = selector_bucket((w, h), 64, False)
+        image = Image.open(tmp_path / "imgs" / name)
+        image = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+        x = torch.from_numpy(musubi_pixels(image, bucket)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        with torch.no_grad():
+            want = Flux2Pipeline._encode_vae_image(pipeline(ref), x, generator=None)[0]
+        assert list(tensors) == [f"latents_{bucket[1] // 16}x{bucket[0] // 16}_float32"], name
+        assert rel_err(tensors[list(tensors)[0]], want) <= 1e-5, name
+    # a rerun finds them all; an image edited since is encoded again
+    before = (out / "wide_0150x0100_f2d.safetensors").read_bytes()
+    Image.fromarray(np.zeros((100, 150, 3), np.uint8)).save(tmp_path / "imgs" / "wide.png")
+    assert encode(tmp_path / "imgs", "--model", model, "--output", out, "--format", "musubi", "--resume") == 0
+    assert (out / "wide_0150x0100_f2d.safetensors").read_bytes() != before
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_qwen_image_files_are_the_normalized_mode_with_a_frame_axis(tmp_path):
+    ref = qwen_reference()
+    model = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(wan_file(ref.state_dict()), model)
+    sizes = images(tmp_path / "imgs")
+    out = tmp_path / "cache"
+    assert encode(tmp_path / "imgs", "--model", model, "--output", out, "--format", "musubi", "--arch", "qie",
+                  "--store-dtype", "bfloat16") == 0
+    mean = torch.tensor(ref.config.latents_mean).view(1, 16, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(ref.config.latents_std).view(1, 16, 1, 1, 1)
+    for name, (w, h) in sizes.items():
+        tensors, metadata = read(out / f"{Path(name).stem}_{w:04d}x{h:04d}_qie.safetensors")
+        assert metadata["architecture"] == "qwen_image"
+        bucket = selector_bucket((w, h), 64, False)
+        (key, latent), = tensors.items()
+        assert latent.shape == (16, 1, bucket[1] // 8, bucket[0] // 8)
+        image = Image.open(tmp_path / "imgs" / name)
+        image = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+        x = torch.from_numpy(musubi_pixels(image, bucket)).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1.0
+        with torch.no_grad():
+            want = ((ref.encode(x).latent_dist.mode() - mean) * inverse_std)[0]
+        assert key == f"latents_1x{bucket[1] // 8}x{bucket[0] // 8}_bfloat16"
+        assert rel_err(latent, want) <= 1e-2, name  # (stored as bfloat16)
+
+
+def test_z_image_files_are_the_raw_mean_in_float32(tmp_path):
+    from test_flux2 import AutoencoderKL_like_flux1
+
+    model = tmp_path / "flux1-ae.safetensors"
+    save_file(AutoencoderKL_like_flux1({}), model)
+    Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(tmp_path / "one.png")
+    out = tmp_path / "cache"
+    assert encode(tmp_path / "one.png", "--model", model, "--output", out, "--format", "musubi", "--family", "flux",
+                  "--store-dtype", "bfloat16") == 0
+    tensors, metadata = read(out / "one_0056x0040_zi.safetensors")
+    bucket = selector_bucket((56, 40), 64, False)
+    assert metadata["architecture"] == "z_image"
+    assert list(tensors) == [f"latents_1x{bucket[1] // 8}x{bucket[0] // 8}_float32"]
+    assert tensors[list(tensors)[0]].shape == (16, bucket[1] // 8, bucket[0] // 8)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arch", "f2d"], "--arch and --bucket-no-upscale are musubi-tuner's"),
+    (["--format", "musubi", "--flip"], "caches no flipped latents"),
+    (["--format", "musubi"], "musubi-tuner caches the latents of FLUX.2, Qwen-Image and Z-Image"),
+])
+def test_what_musubi_cannot_read_is_refused_before_writing(model, tmp_path, capsys, extra, message):
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    assert encode(tmp_path / "a.png", "--model", model, "--output", tmp_path / "out", *extra) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_two_inputs_of_one_stem_are_refused_naming_both(tmp_path, capsys):
+    model = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(wan_file(qwen_reference().state_dict()), model)
+    for name in ("cat.png", "cat.jpg"):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / name)
+    assert encode(tmp_path / "cat.png", tmp_path / "cat.jpg", "--model", model, "--output", tmp_path / "out",
+                  "--format", "musubi") == 2
+    said = capsys.readouterr().err
+    assert "cat.png" in said and "cat.jpg" in said and "same file stem" in said
+    assert encode(tmp_path / "cat.png", "--model", model, "--output", tmp_path / "out", "--format", "musubi",
+                  "--arch", "f2d") == 2
+    assert "--arch f2d: it takes a flux2 VAE, and this one is qwenimage" in capsys.readouterr().err
