@@ -133,6 +133,10 @@ def test_flux2_files_hold_the_pipelines_latents_of_musubis_pixels(tmp_path):
     assert encode(tmp_path / "imgs", "--model", model, "--output", out, "--format", "musubi", "--resume") == 0
     assert (out / "wide_0150x0100_f2d.safetensors").read_bytes() != before
     assert not list(out.rglob(".*.tmp"))
+    # a cache file deleted since (musubi's own latent caching deletes files it did not write) is written again
+    (out / "tall_0040x0064_f2d.safetensors").unlink()
+    assert encode(tmp_path / "imgs", "--model", model, "--output", out, "--format", "musubi", "--resume") == 0
+    assert (out / "tall_0040x0064_f2d.safetensors").is_file()
 
 
 def test_qwen_image_files_are_the_normalized_mode_with_a_frame_axis(tmp_path):

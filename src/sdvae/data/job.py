@@ -176,7 +176,7 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     latent_bytes = 2 * checkpoint.config.latent_channels * (settings.resolution // 8) ** 2 * store_bytes
     per_shard = shard_size or max(1, SHARD_BYTES // (latent_bytes * (2 if settings.flip else 1)))
     shards = assign_shards(items, per_shard)
-    todo = _shards_to_do(store, shards, manifest["settings_id"])
+    todo = _shards_to_do(store, shards, settings, manifest["settings_id"])
     log.info("%d inputs in %d shards, %d shard(s) to encode into %s", len(items), len(shards), len(todo), store)
     return Job(store, manifest, settings, manifest["model"]["file"], shards, todo)
 
@@ -230,25 +230,31 @@ def _check_output(store: LocalStore, manifest: dict[str, Any], resume: bool, ove
         raise ValueError(f"{store}: already holds latents; pass --resume to continue, or --overwrite to start over")
 
 
-def _kept(store: LocalStore, index: int, items: list[Item], settings: str) -> bool:
-    """Whether complete shard `index` can be kept: it holds exactly `items`, unchanged since encoded, and its
-    files are whole and written with `settings` (else the reason is logged)."""
+def _kept(store: LocalStore, index: int, items: list[Item], settings: Settings, settings_id: str) -> bool:
+    """Whether complete shard `index` can be kept: it holds exactly `items`, unchanged since encoded, its files are
+    whole and written with `settings_id`, and the trainer's cache files made of it are there (else the reason is
+    logged)."""
     try:
         rows = read_shard_rows(store, index)
         stored = {(r["key"], r["input_id"]) for r in rows if not r["flipped"]}
         stored |= {(e["key"], e.get("input_id")) for e in read_errors(store, [index])}
         if stored != {(item.key, item.input_id) for item in items}:
             return False
-        check_shard(store, index, rows, settings)
+        check_shard(store, index, rows, settings_id)
+        if settings.format == "musubi":
+            for row in rows:
+                name = musubi.cache_name(row["key"], row["original_size"], settings.arch)
+                if not (store.root / name).is_file():
+                    raise ShardError(f"{store}/{name}: the musubi-tuner cache file of {row['key']} is gone")
     except (ShardError, ValueError, KeyError, TypeError) as e:  # (an errors part that is not JSON records)
         log.warning("%s: encoding its %d input(s) again", e, len(items))
         return False
     return True
 
 
-def _shards_to_do(store: LocalStore, shards: list[list[Item]], settings: str) -> list[int]:
+def _shards_to_do(store: LocalStore, shards: list[list[Item]], settings: Settings, settings_id: str) -> list[int]:
     """The planned shards that are not complete with exactly their planned inputs, unchanged since encoded, in
-    whole files written with `settings`.
+    whole files written with `settings_id` (and the trainer's cache files of `settings.format`).
 
     Complete shards that no longer match (an input changed, appeared or went away, or a file was lost, cut short or
     written by another run) lose their metadata part first, so a kill during cleanup leaves them incomplete rather
@@ -257,7 +263,7 @@ def _shards_to_do(store: LocalStore, shards: list[list[Item]], settings: str) ->
     done = set()
     stale = 0
     for index in complete_shards(store):
-        if index < len(shards) and _kept(store, index, shards[index], settings):
+        if index < len(shards) and _kept(store, index, shards[index], settings, settings_id):
             done.add(index)
             continue
         stale += index < len(shards)
