@@ -20,7 +20,7 @@ HALVES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
 # Tensors of the VAE that inference never reads: they go into the load report, and strict loading accepts them.
 UNUSED = re.compile(r"bn\.num_batches_tracked|.*\.time_conv\.(weight|bias)")
 # FLUX.2's original names for the quant convs (flux2 `src/flux2/autoencoder.py`: the encoder and decoder hold them).
-_INNER_QUANT = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
+_INNER_QUANT = {"encoder.quant_conv": "quant_conv", "decoder.post_quant_conv": "post_quant_conv"}
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -51,7 +51,7 @@ class KeyMap:
         if self.layout == "wan":
             return self.prefix + wan_name(key, self.group)
         if self.layout.startswith("bfl"):
-            key = next((inner + key[len(top):] for inner, top in _INNER_QUANT.items() if key.startswith(top)), key)
+            key = _swap(key, _inverse(_INNER_QUANT))
         return self.prefix + (ldm_name(key, self.num_up) if self.layout.startswith(("ldm", "bfl")) else key)
 
 
@@ -116,10 +116,6 @@ def _rename(key: str, num_blocks: int, to_diffusers: bool) -> str:
     return key
 
 
-def _inner_quant(key: str) -> str:
-    return next((top + key[len(inner):] for inner, top in _INNER_QUANT.items() if key.startswith(inner)), key)
-
-
 def _deprecated_to_current(key: str) -> str:
     m = re.fullmatch(r"(.*mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.(\w+)", key)
     return f"{m[1]}{_DEPRECATED_ATTENTION[m[2]]}.{m[3]}" if m else key
@@ -132,7 +128,7 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
     inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and k[len(prefix):].startswith(HALVES)}
     layout, num_up = "diffusers", 0
     if is_wan(inner):
-        top = tuple(prefix + name for name in _WAN_TOP)
+        top = tuple(f"{prefix}{name}." for name in _WAN_TOP)
         inner |= {k[len(prefix):]: k for k in keys if k.startswith(top)}
         group = _wan_group(inner)
         names = {_from_wan(k, group): src for k, src in inner.items()}
@@ -142,7 +138,7 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
         ups = [int(m[1]) for k in inner if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
         num_up = max(ups) + 1 if ups else 0
         inner = {_rename(k, num_up, to_diffusers=True): src for k, src in inner.items()}
-        moved = {_inner_quant(k): src for k, src in inner.items()}
+        moved = {_swap(k, _INNER_QUANT): src for k, src in inner.items()}
         if moved.keys() != inner.keys():
             layout, inner = "bfl", moved
     renamed = {_deprecated_to_current(k): src for k, src in inner.items()}
@@ -157,7 +153,7 @@ def map_keys(keys: Iterable[str]) -> KeyMap:
 _WAN_RESIDUAL = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
                  "shortcut": "conv_shortcut"}
 _WAN_ENDS = {"conv1": "conv_in", "head.0": "norm_out", "head.2": "conv_out"}
-_WAN_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+_WAN_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
 _WAN_BLOCK = re.compile(r"(encoder|decoder)\.(downsamples|upsamples|middle)\.(\d+)\.(.+)")
 _DIFFUSERS_BLOCK = re.compile(r"(encoder|decoder)\.(down_blocks\.\d+|up_blocks\.\d+\.(?:resnets\.\d+|upsamplers\.0)"
                               r"|mid_block\.(?:resnets\.\d+|attentions\.0))\.(.+)")
@@ -175,14 +171,19 @@ def _wan_group(keys: Iterable[str]) -> int:
     return min(firsts) + 1 if firsts else 0
 
 
-def _swap(inner: str, table: dict[str, str]) -> str:
-    return next((new + inner[len(old):] for old, new in table.items() if inner.startswith(old + ".")), inner)
+def _swap(key: str, table: dict[str, str]) -> str:
+    """`key` with the first of `table`'s names it starts with (whole name parts) replaced by its new name."""
+    return next((new + key[len(old):] for old, new in table.items() if key.startswith(old + ".")), key)
+
+
+def _inverse(table: dict[str, str]) -> dict[str, str]:
+    return {new: old for old, new in table.items()}
 
 
 def _from_wan(key: str, group: int) -> str:
     """The diffusers name of a Wan 2.1 key."""
-    if key.startswith(tuple(_WAN_TOP)):
-        return next(new + key[len(old):] for old, new in _WAN_TOP.items() if key.startswith(old))
+    if (top := _swap(key, _WAN_TOP)) != key:
+        return top
     m = _WAN_BLOCK.fullmatch(key)
     if not m:
         half, _, rest = key.partition(".")
@@ -202,13 +203,12 @@ def _from_wan(key: str, group: int) -> str:
 
 def wan_name(key: str, group: int) -> str:
     """The Wan 2.1 name of a diffusers key (the inverse of `_from_wan`), to name a tensor missing from such a file."""
-    tops = {new: old for old, new in _WAN_TOP.items()}
-    if key.startswith(tuple(tops)):
-        return next(old + key[len(new):] for new, old in tops.items() if key.startswith(new))
+    if (top := _swap(key, _inverse(_WAN_TOP))) != key:
+        return top
     m = _DIFFUSERS_BLOCK.fullmatch(key)
     if not m:
         half, _, rest = key.partition(".")
-        return f"{half}.{_swap(rest, {new: old for old, new in _WAN_ENDS.items()})}"
+        return f"{half}.{_swap(rest, _inverse(_WAN_ENDS))}"
     half, where, inner = m[1], m[2], m[3]
     numbers = [int(n) for n in re.findall(r"\d+", where)]
     if where.startswith("mid_block.attentions"):
@@ -220,7 +220,7 @@ def wan_name(key: str, group: int) -> str:
     else:
         j = group - 1 if "upsamplers" in where else numbers[1]
         place = f"upsamples.{numbers[0] * group + j}"
-    return f"{half}.{place}.{_swap(inner, {new: old for old, new in _WAN_RESIDUAL.items()})}"
+    return f"{half}.{place}.{_swap(inner, _inverse(_WAN_RESIDUAL))}"
 
 
 def fit_tensor(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

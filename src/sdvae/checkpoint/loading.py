@@ -21,7 +21,7 @@ from ..util import COMPUTE_DTYPES, SAFETENSORS_DTYPES, why_missing
 from ..vae.base import VaeModule
 from ..vae.decoder import VaeDecoder
 from ..vae.encoder import VaeEncoder
-from .convert import load_weights
+from .convert import convert_state_dict, load_weights
 from .keys import KeyMap, map_keys
 
 log = logging.getLogger("sdvae")
@@ -259,14 +259,9 @@ def _infer_architecture(tensors: Mapping[str, Any], keymap: KeyMap) -> dict[str,
         first = "encoder.down_blocks.0.resnets."
         arch["layers_per_block"] = len({k.split(".")[4] for k in names if k.startswith(first)})
     if "decoder.conv_in.weight" in names:
-        arch["out_channels"] = shape("decoder.conv_out.weight")[0]
-        arch.setdefault("latent_channels", shape("decoder.conv_in.weight")[1])
-        blocks = sorted({int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
-        widths = tuple(shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks))
+        widths = _decoder_arch(names, shape, arch)
         if arch.setdefault("block_out_channels", widths) != widths:
             arch["decoder_block_out_channels"] = widths  # (FLUX.2 klein's narrower decoder)
-        arch.setdefault("layers_per_block",
-                        len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
     for half, conv in (("encoder", "quant_conv"), ("decoder", "post_quant_conv")):
         if f"{half}.conv_in.weight" in names:  # either tensor says the conv is there (a missing one is an error)
             arch[f"use_{conv}"] = f"{conv}.weight" in names or f"{conv}.bias" in names
@@ -293,14 +288,19 @@ def _infer_wan(names: Mapping[str, str], shape: Any) -> dict[str, Any]:
             "encoder.conv_out.weight")[0] // 2, block_out_channels=tuple(level[-1] for level in levels),
             layers_per_block=len(levels[0]))
     if "decoder.conv_in.weight" in names:
-        blocks = sorted({int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
-        arch["out_channels"] = shape("decoder.conv_out.weight")[0]
-        arch.setdefault("latent_channels", shape("decoder.conv_in.weight")[1])
-        arch.setdefault("block_out_channels", tuple(
-            shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks)))
-        arch.setdefault("layers_per_block",
-                        len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
+        arch.setdefault("block_out_channels", _decoder_arch(names, shape, arch))
     return arch
+
+
+def _decoder_arch(names: Mapping[str, str], shape: Any, arch: dict[str, Any]) -> tuple[int, ...]:
+    """Read the decoder's output width into `arch`, and its latent width and depth where the encoder did not say
+    them; returns its block widths, in the encoder's order (both networks name their up blocks alike)."""
+    arch["out_channels"] = shape("decoder.conv_out.weight")[0]
+    arch.setdefault("latent_channels", shape("decoder.conv_in.weight")[1])
+    arch.setdefault("layers_per_block",
+                    len({k.split(".")[4] for k in names if k.startswith("decoder.up_blocks.0.resnets.")}) - 1)
+    blocks = sorted({int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
+    return tuple(shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(blocks))
 
 
 def _infer_family(keys: list[str], arch: dict[str, Any]) -> tuple[str | None, list[str]]:
@@ -348,17 +348,10 @@ class Checkpoint:
         """The latent scaling of this VAE: the config's, with FLUX.2's `bn` statistics read from the file."""
         if self.config.patch_size is None:
             return LatentScaling.of(self.config)
-        stats = LatentStats(self.config.latent_channels * self.config.patch_size[0] ** 2)
-        for name, buffer in stats.named_buffers():
-            key = f"bn.{name}"
-            if key not in self.keymap.names:
-                raise ValueError(f"{self.path}: {self.keymap.source_key(key)} is missing: FLUX.2's latents are "
-                                 "normalized by the bn statistics")
-            tensor = self.tensors[self.keymap.names[key]]
-            if tensor.shape != buffer.shape or not torch.isfinite(tensor).all():
-                raise ValueError(f"{self.path}: {self.keymap.names[key]}: expected {list(buffer.shape)} finite "
-                                 f"values, found {list(tensor.shape)}")
-            buffer.copy_(tensor)
+        stats = LatentStats.of(self.config)
+        expected = {f"bn.{name}": buffer.shape for name, buffer in stats.state_dict().items()}
+        tensors, _ = convert_state_dict(self.tensors, expected, set(expected), source=str(self.path))
+        stats.load_state_dict({name.removeprefix("bn."): tensor for name, tensor in tensors.items()})
         return LatentScaling.of(self.config, stats)
 
 

@@ -185,7 +185,7 @@ def _refuse_shared_stems(items: list[Item]) -> None:
     """musubi-tuner names a cache file by the image's stem alone: two inputs of one stem would share it."""
     seen: dict[str, Item] = {}
     for item in items:
-        stem = musubi.cache_name(item.key, (0, 0), "")
+        stem = musubi.stem(item.key)
         if stem in seen:
             first = seen[stem]
             raise ValueError(f"--format musubi: {printable(first.key)} ({printable(first.source)}) and "

@@ -101,10 +101,14 @@ def resize_to_bucket(image: Any, bucket: tuple[int, int]) -> tuple[np.ndarray, t
     return pixels[top:top + bh, left:left + bw], (left, top, left + bw, top + bh)
 
 
+def stem(key: str) -> str:
+    """What musubi names an image's cache file by: the last path part of its key, without its extension."""
+    return os.path.splitext(os.path.basename(key))[0]
+
+
 def cache_name(key: str, original_size: tuple[int, int], arch: str) -> str:
-    """musubi's file name for the image `key` (its stem: the last path part without its extension)."""
-    stem = os.path.splitext(os.path.basename(key))[0]
-    return f"{stem}_{original_size[0]:04d}x{original_size[1]:04d}_{arch}.safetensors"
+    """musubi's file name for the image `key`."""
+    return f"{stem(key)}_{original_size[0]:04d}x{original_size[1]:04d}_{arch}.safetensors"
 
 
 def cache_latent(arch: str, mean: torch.Tensor, scaling: LatentScaling) -> torch.Tensor:

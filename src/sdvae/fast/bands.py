@@ -81,11 +81,12 @@ def per_pixel_norm_silu(norm: nn.Module, bands: Iterable[tuple[int, torch.Tensor
     band. (`bands` is swept all the same: it runs the conv that makes them.)"""
     for _ in bands:
         pass
+    return lambda i, rows, out: per_pixel_norm_silu_into(norm, rows, out)
 
-    def run(i: int, rows: torch.Tensor, out: torch.Tensor) -> None:
-        F.silu(out.copy_(norm(rows)), inplace=True)
 
-    return run
+def per_pixel_norm_silu_into(norm: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    """`out = silu(norm(x))` for a norm of each pixel alone, by the module itself (its own precision rules)."""
+    F.silu(out.copy_(norm(x)), inplace=True)
 
 
 def resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,11 @@ class LatentStats(nn.Module):
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
 
+    @classmethod
+    def of(cls, config: VaeConfig) -> LatentStats | None:
+        """The statistics a config's VAE holds: FLUX.2's, of its patchified latents; None for the others."""
+        return cls(config.latent_channels * config.patch_size[0] ** 2) if config.patch_size else None
+
 
 def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
     """`[B, C, H, W]` to `[B, C*p*p, H/p, W/p]`, channel `c*p*p + i*p + j` holding pixel `(i, j)` of each patch."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import fast
 from ..fast import winograd
+from ..fast.bands import per_pixel_norm_silu_into
 from ..fast.groupnorm import Stats, affine, group_stats, merge_all, normalize, recording
 from ..model import wan
 from ..model.network import Attention, Downsample, Encoder, OutputHead, ResnetBlock
@@ -270,7 +271,7 @@ def _tile(nodes: list[Node], shapes: Shapes, maps: dict[int, Activation],
             if node.grouped:
                 normalize(piece, *prologues[k], silu=True, out=interior)
             else:
-                F.silu(interior.copy_(node.norm(piece)), inplace=True)
+                per_pixel_norm_silu_into(node.norm, piece, interior)
             piece = buffer
         elif any(border):
             piece = F.pad(piece, (border[2], border[3], border[0], border[1]))

@@ -23,7 +23,7 @@ class VaeDecoder(VaeModule):
         n = config.latent_channels
         self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else None
         self.decoder = decoder_network(config)
-        self.bn = LatentStats(n * config.patch_size[0] ** 2) if config.patch_size else None
+        self.bn = LatentStats.of(config)
         self.to_channels_last()
 
     @property

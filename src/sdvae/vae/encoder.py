@@ -28,7 +28,7 @@ class VaeEncoder(VaeModule):
         self.encoder = encoder_network(config)
         n = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(n, n, 1) if config.use_quant_conv else None
-        self.bn = LatentStats(config.latent_channels * config.patch_size[0] ** 2) if config.patch_size else None
+        self.bn = LatentStats.of(config)
         self.to_channels_last()
 
     @property
