@@ -75,6 +75,9 @@ def test_encoder_and_decoder_equal_diffusers_on_one_frame(refs, ours, dtype):
         assert rel_err(dec(z), image[:, :, 0]) <= TOLERANCE[dtype]
         # diffusers' own form in and out: [B, C, 1, H, W]
         assert rel_err(enc(x[:, :, None]), want.parameters) <= TOLERANCE[dtype]
+        framed = enc.encode(x[:, :, None])
+        assert framed.mean.shape == want.mean.shape and rel_err(framed.mean, want.mean) <= TOLERANCE[dtype]
+        assert framed.sample(seed=3).shape == want.mean.shape
         assert rel_err(dec(z[:, :, None]), image) <= TOLERANCE[dtype]
 
 

@@ -45,14 +45,16 @@ def generator_noise(shape: Sequence[int], generator: torch.Generator | list[torc
 
 
 class DiagonalGaussian:
-    """`N(mean, exp(logvar))` per latent element, from the encoder's `[B, 2L, h, w]` parameters.
+    """`N(mean, exp(logvar))` per latent element, from the encoder's `[B, 2L, h, w]` parameters (or one frame's,
+    `[B, 2L, 1, h, w]`, as the Wan network gives them for one-frame input).
 
     `logvar` is clamped to [-30, 20] as in diffusers; `std = exp(logvar / 2)`, `var = exp(logvar)`.
     """
 
     def __init__(self, parameters: torch.Tensor):
-        if parameters.ndim != 4 or parameters.shape[1] % 2:
-            raise ValueError(f"expected parameters [B, 2L, h, w], got {list(parameters.shape)}")
+        one_frame = parameters.ndim == 5 and parameters.shape[2] == 1
+        if not (parameters.ndim == 4 or one_frame) or parameters.shape[1] % 2:
+            raise ValueError(f"expected parameters [B, 2L, h, w] or [B, 2L, 1, h, w], got {list(parameters.shape)}")
         self.parameters = parameters
         self.mean, logvar = parameters.chunk(2, dim=1)
         self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
