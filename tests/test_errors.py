@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sdvae.cli import main
+from sdvae.cli import Terminated, main
 from sdvae.data.sources import _parquet_cells
 
 
@@ -194,3 +194,18 @@ def test_the_readme_and_encode_help_give_the_same_exit_statuses(capsys):
     epilog = " ".join(capsys.readouterr().out.split("exit status:")[1].split())
     assert re.findall(r"^\| (\d+) \| ", readme, re.M) == re.findall(r"(\d+) when", epilog) == \
         ["0", "1", "2", "130", "143", "141"]
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Terminated])
+def test_an_interrupt_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch, interrupt):
+    """Ctrl-C or SIGTERM while a file is being written: the interrupt goes on, the temporary is gone, the file is
+    not there (no half file)."""
+    from sdvae.data.store import LocalStore
+
+    def interrupted(fd):
+        raise interrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(interrupt):
+        LocalStore(tmp_path).write("errors/00002.jsonl", b"{}\n")
+    assert not list(tmp_path.rglob("*00002*"))

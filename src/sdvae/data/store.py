@@ -51,7 +51,7 @@ class LocalStore:
         """Write `data` through a temporary name in the same folder, then rename: never half a file.
 
         A failed write removes its temporary and raises an OSError that names the file (a full disk fails in a
-        write or fsync, whose own errors name none)."""
+        write or fsync, whose own errors name none); an interrupt mid-write (Ctrl-C, SIGTERM) removes it too."""
         path = self.root / name
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
@@ -61,10 +61,12 @@ class LocalStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
+            if isinstance(e, OSError):
+                raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
+            raise
 
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
