@@ -401,3 +401,15 @@ def test_a_long_strip_is_resized_only_where_it_is_cropped(monkeypatch):
         assert got.pixels.shape == (64, 64, 3)
         assert np.abs(got.pixels.astype(int) - np.asarray(whole).astype(int)).max() <= 1
     assert max(w * h for w, h in sizes) == 64 * 64
+
+
+def test_a_width_and_height_resolution_crops_to_that_rectangle(model, photos, tmp_path):
+    from sdvae.data.job import Settings
+
+    assert Settings(resolution=(64, 64)).resolution == 64  # (a square is one side: the same settings, the same id)
+    with pytest.raises(ValueError, match="sdvae's buckets are made around a square"):
+        Settings(resolution=(64, 32), buckets=True)
+    assert main(["encode", str(photos / "0.png"), "--model", str(model), "--output", str(tmp_path / "out"),
+                 "--resolution", "64,32", "--workers", "0"]) == 0
+    item = LatentDataset(tmp_path / "out")[0]
+    assert item["bucket"] == (64, 32) and item["mean"].shape == (4, 4, 8)

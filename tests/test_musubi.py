@@ -24,9 +24,10 @@ from sdvae.cli import main
 from sdvae.data import musubi
 
 
-def selector_bucket(size: tuple[int, int], resolution: int, no_upscale: bool) -> tuple[int, int]:
-    """musubi's BucketSelector for a square resolution, step 16, as its source reads."""
-    area = resolution * resolution
+def selector_bucket(size: tuple[int, int], resolution: int | tuple[int, int], no_upscale: bool) -> tuple[int, int]:
+    """musubi's BucketSelector for a resolution (a side, or width and height), step 16, as its source reads."""
+    width, height = resolution if isinstance(resolution, tuple) else (resolution, resolution)
+    area = width * height
     if no_upscale and size[0] * size[1] <= area:
         return size[0] - size[0] % 16, size[1] - size[1] % 16
     sqrt_size = int(math.sqrt(area))
@@ -59,18 +60,20 @@ def musubi_pixels(image: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
                                                     ((800, 600), False, (1184, 880)), ((800, 600), True, (800, 592)),
                                                     ((1920, 1080), False, (1360, 768))])
 def test_buckets_are_musubis_worked_examples(size, no_upscale, want):
-    assert musubi.bucket_for(size, 1024, True, no_upscale) == want == selector_bucket(size, 1024, no_upscale)
+    assert musubi.bucket_for(size, (1024, 1024), True, no_upscale) == want == selector_bucket(size, 1024, no_upscale)
 
 
 def test_buckets_agree_with_the_selector_on_many_sizes():
     rng = np.random.default_rng(0)
     for _ in range(300):
         size = (int(rng.integers(8, 5000)), int(rng.integers(8, 5000)))
-        for resolution in (256, 512, 960):
+        for resolution in ((256, 256), (512, 512), (960, 544)):
             for no_upscale in (False, True):
                 assert musubi.bucket_for(size, resolution, True, no_upscale) == selector_bucket(size, resolution,
                                                                                                 no_upscale)
-    assert musubi.bucket_for((3000, 10), 512, False, False) == (512, 512)  # no buckets: the square as it is
+    assert musubi.bucket_for((3000, 10), (512, 512), False, False) == (512, 512)  # no buckets: the resolution as it is
+    assert musubi.bucket_for((3000, 10), (960, 544), False, False) == (960, 544)
+    assert selector_bucket((1500, 1000), (960, 544), False) == (880, 592)  # (the worked example of its docs)
 
 
 @pytest.mark.parametrize("size, mode", [((300, 200), "RGB"), ((60, 45), "RGB"), ((200, 200), "RGBA"),
@@ -78,7 +81,7 @@ def test_buckets_agree_with_the_selector_on_many_sizes():
 def test_resize_is_musubis(size, mode):
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8), mode)
-    bucket = musubi.bucket_for(size, 64, True, False)
+    bucket = musubi.bucket_for(size, (64, 64), True, False)
     pixels, crop = musubi.resize_to_bucket(image, bucket)
     assert np.array_equal(pixels[..., :3], musubi_pixels(image, bucket))
     assert (crop[2] - crop[0], crop[3] - crop[1]) == bucket
@@ -181,7 +184,7 @@ def test_z_image_files_are_the_raw_mean_in_float32(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--arch", "f2d"], "--arch and --bucket-no-upscale are musubi-tuner's"),
+    (["--arch", "f2d"], "--arch: a trainer's options, for --format kohya or musubi"),
     (["--format", "musubi", "--flip"], "caches no flipped latents"),
     (["--format", "musubi"], "musubi-tuner caches the latents of FLUX.2, Qwen-Image and Z-Image"),
 ])
@@ -203,3 +206,36 @@ def test_two_inputs_of_one_stem_are_refused_naming_both(tmp_path, capsys):
     assert encode(tmp_path / "cat.png", "--model", model, "--output", tmp_path / "out", "--format", "musubi",
                   "--arch", "f2d") == 2
     assert "--arch f2d: it takes a flux2 VAE, and this one is qwenimage" in capsys.readouterr().err
+
+
+def test_an_image_under_one_step_without_upscaling_is_recorded(tmp_path):
+    model = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(wan_file(qwen_reference().state_dict()), model)
+    Image.fromarray(np.zeros((11, 9, 3), np.uint8)).save(tmp_path / "tiny.png")
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "fine.png")
+    assert encode(tmp_path / "tiny.png", tmp_path / "fine.png", "--model", model, "--output", tmp_path / "out",
+                  "--format", "musubi", "--bucket-no-upscale") == 1
+    assert "under the 16-px step" in (tmp_path / "out" / "errors.jsonl").read_text()
+    assert [p.name for p in (tmp_path / "out").glob("*_qi.safetensors")] == ["fine_0050x0040_qi.safetensors"]
+
+
+def test_a_width_and_height_resolution_is_musubis_resolution_list(tmp_path, capsys):
+    """`--resolution W,H` as musubi's `resolution = [W, H]`: the target without buckets, the area with them."""
+    from test_flux2 import AutoencoderKL_like_flux1
+
+    model = tmp_path / "flux1-ae.safetensors"
+    save_file(AutoencoderKL_like_flux1({}), model)
+    Image.fromarray(np.full((100, 150, 3), 90, np.uint8)).save(tmp_path / "one.png")
+    common = [tmp_path / "one.png", "--model", model, "--family", "flux", "--format", "musubi", "--workers", "0"]
+    assert main(["encode", *map(str, common), "--output", str(tmp_path / "a"), "--resolution", "96,48"]) == 0
+    assert read(tmp_path / "a" / "one_0150x0100_zi.safetensors")[0]["latents_1x6x12_float32"].shape == (16, 6, 12)
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["settings"]["resolution"] == [96, 48]
+    assert main(["encode", *map(str, common), "--output", str(tmp_path / "b"), "--resolution", "96,48",
+                 "--buckets"]) == 0
+    bucket = selector_bucket((150, 100), (96, 48), False)
+    assert (tmp_path / "b" / "one_0150x0100_zi.safetensors").is_file()
+    assert list(read(tmp_path / "b" / "one_0150x0100_zi.safetensors")[0]) == [
+        f"latents_1x{bucket[1] // 8}x{bucket[0] // 8}_float32"]
+    with pytest.raises(SystemExit):
+        main(["encode", *map(str, common), "--output", str(tmp_path / "c"), "--resolution", "96,48,2"])
+    assert "width,height" in capsys.readouterr().err

@@ -137,6 +137,33 @@ def test_musubi_cache_files_on_ray_equal_the_local_engines(inputs, tmp_path):
         assert want.keys() == got.keys() and all(rel_err(got[k], want[k]) <= 1e-5 for k in want), name
 
 
+def test_kohya_cache_files_on_ray_equal_the_local_engines(model, tmp_path):
+    """`--format kohya` through the Ray engine: its actors write the same sd-scripts caches beside the images."""
+    import numpy as np
+    from inputs import image_bytes
+
+    folders = tmp_path / "local-images", tmp_path / "ray-images"
+    for folder in folders:
+        folder.mkdir()
+        for n, size in enumerate([(90, 70), (40, 130), (64, 64), (200, 30)]):
+            (folder / f"{n}.png").write_bytes(image_bytes(n, size))
+    settings = Settings(resolution=64, max_pixels=10**6, format="kohya", buckets=True, flip=True,
+                        min_bucket_reso=32, bucket_reso_steps=32)
+    encode_dataset([str(folders[0])], str(model), tmp_path / "local", settings, family="sd15", shard_size=2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        encode_dataset([str(folders[1])], str(model), tmp_path / "ray", settings, family="sd15", shard_size=2,
+                       engine=RayEngine(Runtime(batch_size=2), actors=1, actor_cpus=1.0))
+    finally:
+        ray.shutdown()
+    names = sorted(p.name for p in folders[0].glob("*_sd.npz"))
+    assert len(names) == 4 and names == sorted(p.name for p in folders[1].glob("*_sd.npz"))
+    for name in names:
+        with np.load(folders[0] / name) as want, np.load(folders[1] / name) as got:
+            assert want.files == got.files
+            assert all(rel_err(torch.from_numpy(got[k]), torch.from_numpy(want[k])) <= 1e-5 for k in want.files)
+
+
 def test_ray_engine_on_a_two_node_cluster_equals_the_local_engine(model, inputs, local, tmp_path):
     # 3 CPUs in all for 2 actors of 1 CPU and decoding tasks of 0.5: whatever the placement, both nodes work
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

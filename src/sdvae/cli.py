@@ -40,6 +40,17 @@ def _latent_shapes(config) -> str:
             + (f" ({p}x{p} patches, normalized by the bn statistics)" if p > 1 else ""))
 
 
+def _resolution(text: str) -> int | tuple[int, int]:
+    """`--resolution`: a side, or `width,height`."""
+    try:
+        sides = [int(part) for part in text.split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a side (1024) or width,height (1216,832)")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -61,7 +72,9 @@ def _encode(args: argparse.Namespace) -> int:
 
     settings = Settings(resolution=args.resolution, buckets=args.buckets, crop=args.crop, flip=args.flip,
                         seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels,
-                        format=args.format, arch=args.arch, bucket_no_upscale=args.bucket_no_upscale)
+                        format=args.format, arch=args.arch, bucket_no_upscale=args.bucket_no_upscale,
+                        min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
+                        bucket_reso_steps=args.bucket_reso_steps, alpha_mask=args.alpha_mask)
     runtime = Runtime(batch_size=args.batch_size, device=args.device, tile_size=args.tile_size,
                       max_memory=args.max_memory, compile=args.compile)
     options = ({"workers": _workers(args)} if args.engine == "local" else
@@ -142,21 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--caption-column", help="Parquet column with captions (default: caption, text or txt)")
     encode.add_argument("--model", required=True, help="VAE checkpoint: file, diffusers/pipeline folder or hub id")
     encode.add_argument("--output", required=True, help="dataset folder to write")
-    encode.add_argument("--resolution", type=int,
-                        help="target side in pixels (default: the config's sample_size); refused before anything is "
-                             "written when a target's pixels exceed --max-pixels or it cannot be encoded within "
-                             "--max-memory")
-    encode.add_argument("--format", choices=("sdvae", "musubi"), default="sdvae",
-                        help="musubi: also write musubi-tuner's latent cache files into --output, by its buckets and "
-                             "resize (FLUX.2, Qwen-Image, Z-Image; see the README); default: %(default)s only")
-    encode.add_argument("--arch", help="with --format musubi: the musubi architecture named in its files (f2d, f2k4b, "
-                                       "f2k9b, qi, qie, zi; default: the VAE family's base model)")
-    encode.add_argument("--bucket-no-upscale", action="store_true",
-                        help="with --format musubi --buckets: images no larger than the area keep their size "
-                             "(rounded down to 16), as musubi-tuner's bucket_no_upscale")
+    encode.add_argument("--resolution", type=_resolution, metavar="SIDE|W,H",
+                        help="target size in pixels, a square's side or width,height (default: the config's "
+                             "sample_size); refused before anything is written when a target's pixels exceed "
+                             "--max-pixels or it cannot be encoded within --max-memory")
+    encode.add_argument("--format", choices=("sdvae", "kohya", "musubi"), default="sdvae",
+                        help="kohya: also write kohya sd-scripts' latent cache beside each image (SD 1.x/2.x, SDXL, "
+                             "SD3, FLUX.1); musubi: also write musubi-tuner's latent cache files into --output "
+                             "(FLUX.2, Qwen-Image, Z-Image); each by its trainer's buckets and resize (see the "
+                             "README); default: %(default)s only")
+    encode.add_argument("--arch", help="the trainer's name for the model: with --format musubi the architecture in "
+                                       "its files (f2d, f2k4b, f2k9b, qi, qie, qil, zi; default: the VAE family's base "
+                                       "model); with --format kohya it must be the family's (sd, sdxl, sd3, flux)")
     encode.add_argument("--buckets", action="store_true",
-                        help="aspect-ratio buckets of area ~resolution^2, sides multiples of 64 "
-                             "(default: square crops)")
+                        help="aspect-ratio buckets of about the resolution's area (default: one target, the "
+                             "resolution); sdvae's have sides multiples of 64, the trainers' are their own")
+    encode.add_argument("--bucket-no-upscale", action="store_true",
+                        help="with --format kohya or musubi and --buckets: images no larger than the area keep their "
+                             "size, rounded down to the bucket step, as the trainer's bucket_no_upscale")
+    encode.add_argument("--min-bucket-reso", type=int,
+                        help="with --format kohya --buckets: sd-scripts' min_bucket_reso (default: 256)")
+    encode.add_argument("--max-bucket-reso", type=int,
+                        help="with --format kohya --buckets: sd-scripts' max_bucket_reso (default: 1024)")
+    encode.add_argument("--bucket-reso-steps", type=int,
+                        help="with --format kohya --buckets: sd-scripts' bucket_reso_steps (default: 64)")
+    encode.add_argument("--alpha-mask", action="store_true",
+                        help="with --format kohya: store the alpha channel as sd-scripts' alpha_mask (train with its "
+                             "--alpha_mask then; without it, leave this off)")
     encode.add_argument("--crop", choices=("center", "random"), default="center",
                         help="crop position (random is seeded)")
     encode.add_argument("--flip", action="store_true", help="also store the latent of the horizontally flipped image")

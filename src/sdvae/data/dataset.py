@@ -27,7 +27,7 @@ from ..model.config import VaeConfig
 from ..model.distribution import seeded_noise
 from ..model.scaling import LatentScaling
 from ..util import SAFETENSORS_DTYPES
-from .store import LocalStore
+from .store import LocalStore, write_file
 
 FORMAT = "sdvae-latents/1"
 MANIFEST = "manifest.json"
@@ -75,13 +75,13 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 
 
 def write_shard_data(store: LocalStore, index: int, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]],
-                     errors: list[dict[str, Any]], settings: str, files: dict[str, bytes] | None = None) -> None:
-    """Write one shard's latents and error records, and the trainer cache files made of them (`files`, by name),
+                     errors: list[dict[str, Any]], settings: str, files: dict[Path, bytes] | None = None) -> None:
+    """Write one shard's latents and error records, and the trainer cache files made of them (`files`, by path),
     each under a temporary name then renamed (a worker's part; the shard is not complete yet)."""
     from safetensors.torch import save
 
-    for file_name, data in (files or {}).items():
-        store.write(file_name, data)
+    for path, data in (files or {}).items():
+        write_file(path, data)
     name = shard_name(index)
     metadata = {"settings_id": settings, "rows": rows_digest(rows)}
     store.write(f"shards/{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
@@ -224,6 +224,15 @@ def item_seed(key: str, flipped: bool, seed: int, epoch: int) -> int:
     return (zlib.crc32(f"{key}|{int(flipped)}".encode()) + 1_000_003 * seed + 7_919 * epoch) % (2**63)
 
 
+def seeded_sample(mean: torch.Tensor, logvar: torch.Tensor, key: str, flipped: bool, seed: int, epoch: int = 0
+                  ) -> torch.Tensor:
+    """A stored latent's sample in float32, with the noise of `item_seed`: the one LatentDataset gives (and
+    `--format kohya` stores, at epoch 0)."""
+    mean, logvar = mean.float(), logvar.float()
+    eps = seeded_noise([item_seed(key, flipped, seed, epoch)], mean.shape)[0]
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Reads a directory written by `sdvae encode` as a torch Dataset of dicts.
 
@@ -273,11 +282,7 @@ class LatentDataset(torch.utils.data.Dataset):
         tensors = self._tensors(row["shard"])
         mean = tensors[f"mean_{row['tensor']}"][row["row"]].float()
         logvar = tensors[f"logvar_{row['tensor']}"][row["row"]].float()
-        if self.mode:
-            z = mean
-        else:
-            eps = seeded_noise([item_seed(row["key"], row["flipped"], self.seed, self.epoch)], mean.shape)[0]
-            z = mean + torch.exp(0.5 * logvar) * eps
+        z = mean if self.mode else seeded_sample(mean, logvar, row["key"], row["flipped"], self.seed, self.epoch)
         return {
             "key": row["key"], "source": row["source"], "caption": row["caption"],
             "original_size": tuple(row["original_size"]), "crop": tuple(row["crop"]),

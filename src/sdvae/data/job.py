@@ -9,8 +9,10 @@ the complete shards whose inputs are unchanged and files whole, and redoes the r
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from ..model.config import VaeConfig
 from ..model.networks import encoder_network
 from ..tiled.budget import plan_tiling
 from ..util import COMPUTE_DTYPES, spans
-from . import musubi
+from . import kohya, musubi
 from .dataset import (
     FORMAT,
     MANIFEST,
@@ -44,7 +46,7 @@ from .store import LocalStore
 log = logging.getLogger("sdvae")
 
 STORE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
-FORMATS = ("sdvae", "musubi")
+FORMATS = ("sdvae", "musubi", "kohya")
 SHARD_BYTES = 64 * 2**20
 
 
@@ -59,7 +61,7 @@ def check_counts(**values: int | None) -> None:
 class Settings:
     """Everything that decides the stored latents besides the model."""
 
-    resolution: int | None = None
+    resolution: int | tuple[int, int] | None = None  # a square's side, or (width, height)
     buckets: bool = False
     crop: str = "center"
     flip: bool = False
@@ -67,36 +69,92 @@ class Settings:
     dtype: str = "float32"
     store_dtype: str = "float32"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    format: str = "sdvae"  # or "musubi": musubi-tuner's cache files too, its buckets and resize (`sdvae.data.musubi`)
-    arch: str | None = None  # the musubi architecture (None: the VAE family's base model's)
-    bucket_no_upscale: bool = False  # (musubi) an image no larger than the area keeps its size, rounded down to 16
+    # "musubi"/"kohya": a trainer's cache files too, by its buckets and resize (`sdvae.data.musubi`, `.kohya`)
+    format: str = "sdvae"
+    arch: str | None = None  # the trainer's name for the model (None: the VAE family's; musubi: its base model's)
+    bucket_no_upscale: bool = False  # (trainers) images no larger than the area keep their size, rounded down
+    min_bucket_reso: int | None = None  # (kohya) the bucket sides' range and step (None: sd-scripts' defaults)
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int | None = None
+    alpha_mask: bool = False  # (kohya) store the alpha channel as sd-scripts' alpha_mask
 
     def __post_init__(self) -> None:
-        check_counts(resolution=self.resolution, max_pixels=self.max_pixels)
-        if self.resolution is not None and self.resolution < 8:
+        if isinstance(self.resolution, (tuple, list)):
+            if len(self.resolution) != 2:
+                raise ValueError(f"resolution must be a side or (width, height), got {self.resolution!r}")
+            width, height = self.resolution
+            check_counts(width=width, height=height)
+            object.__setattr__(self, "resolution", width if width == height else (width, height))
+        else:
+            check_counts(resolution=self.resolution)
+        check_counts(max_pixels=self.max_pixels, min_bucket_reso=self.min_bucket_reso,
+                     max_bucket_reso=self.max_bucket_reso, bucket_reso_steps=self.bucket_reso_steps)
+        if self.resolution is not None and min(self.size) < 8:
             raise ValueError(f"resolution must be at least 8 pixels (one latent), got {self.resolution}")
+        for name, allowed in (("crop", ("center", "random")), ("dtype", COMPUTE_DTYPES),
+                              ("store_dtype", COMPUTE_DTYPES), ("format", FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self._check_format()
         if self.resolution is not None:
-            pixels = self.resolution ** 2  # about a bucket's area too: the buckets are made only where it fits
+            pixels = self.size[0] * self.size[1]  # about a bucket's area too: the buckets are made only where it fits
             if pixels <= self.max_pixels:
                 pixels = max(w * h for w, h in self.targets())
             if pixels > self.max_pixels:
                 raise ValueError(f"resolution {self.resolution} makes targets of {pixels} pixels, over max_pixels "
                                  f"{self.max_pixels}")
-        for name, allowed in (("crop", ("center", "random")), ("dtype", COMPUTE_DTYPES),
-                              ("store_dtype", COMPUTE_DTYPES), ("format", FORMATS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def _check_format(self) -> None:
+        """Refuse options the format does not have."""
+        def given(*names: str) -> list[str]:
+            return [f"--{n.replace('_', '-')}" for n in names if getattr(self, n) not in (None, False)]
+
         if self.format == "musubi" and (self.crop != "center" or self.flip):
             raise ValueError("--format musubi: musubi-tuner crops the centre and caches no flipped latents; "
                              "drop --crop random and --flip")
-        if self.format != "musubi" and (self.arch is not None or self.bucket_no_upscale):
-            raise ValueError("--arch and --bucket-no-upscale are musubi-tuner's: use them with --format musubi")
+        if self.format == "sdvae" and given("arch", "bucket_no_upscale"):
+            raise ValueError(f"{' and '.join(given('arch', 'bucket_no_upscale'))}: a trainer's options, for "
+                             "--format kohya or musubi")
+        kohya_only = given("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "alpha_mask")
+        if self.format != "kohya" and kohya_only:
+            raise ValueError(f"{' and '.join(kohya_only)}: sd-scripts' options, for --format kohya")
+        if self.format == "sdvae" and self.buckets and isinstance(self.resolution, tuple):
+            raise ValueError(f"resolution {self.resolution}: sdvae's buckets are made around a square; give one side, "
+                             "or drop --buckets")
+        if self.format == "kohya" and self.buckets and not self.bucket_no_upscale and self.resolution is not None:
+            self.kohya_range()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The resolution as (width, height)."""
+        return self.resolution if isinstance(self.resolution, tuple) else (self.resolution, self.resolution)
+
+    @property
+    def steps(self) -> int:
+        """sd-scripts' bucket step (64 unless given)."""
+        return self.bucket_reso_steps or kohya.DEFAULT_STEPS
+
+    def kohya_range(self) -> tuple[int, int]:
+        """sd-scripts' bucket side range for these settings; ValueError where it excludes the resolution."""
+        return kohya.check_bucket_range(self.size, self.min_bucket_reso or kohya.DEFAULT_MIN_BUCKET,
+                                        self.max_bucket_reso or kohya.DEFAULT_MAX_BUCKET, self.steps)
+
+    def kohya_buckets(self) -> list[tuple[int, int]] | None:
+        """sd-scripts' predefined buckets (the resolution alone without --buckets), or None where each image's
+        size makes its own (--bucket-no-upscale)."""
+        if not self.buckets:
+            return [self.size]
+        return None if self.bucket_no_upscale else kohya.bucket_resolutions(self.size, *self.kohya_range(),
+                                                                           self.steps)
 
     def targets(self) -> list[tuple[int, int]]:
-        """The (width, height) of every target an image may be cropped to: the buckets, or the square."""
+        """The (width, height) of every target an image may be cropped to: the buckets, or the resolution (for
+        buckets each image's size makes, those of about the same area)."""
         if not self.buckets:
-            return [(self.resolution, self.resolution)]
-        return musubi.buckets(self.resolution) if self.format == "musubi" else make_buckets(self.resolution)
+            return [self.size]
+        if self.format == "kohya":
+            return self.kohya_buckets() or kohya.bucket_resolutions(self.size, self.steps, max(self.size), self.steps)
+        return musubi.buckets(self.size) if self.format == "musubi" else make_buckets(self.resolution)
 
 
 @dataclass(frozen=True)
@@ -149,14 +207,22 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     checkpoint = open_checkpoint(model, family=family)
     if settings.resolution is None:
         settings = replace(settings, resolution=checkpoint.config.sample_size)
+    family = checkpoint.config.family
+    if settings.format != "sdvae":
+        musubi.check_opencv(settings.format)
     if settings.format == "musubi":
-        musubi.check_opencv()
-        settings = replace(settings, arch=musubi.architecture(checkpoint.config.family, settings.arch))
+        settings = replace(settings, arch=musubi.architecture(family, settings.arch))
         _refuse_shared_stems(items)
+    elif settings.format == "kohya":
+        settings = replace(settings, arch=kohya.architecture(family, settings.arch))
+        items = _kohya_items(items)
     multiple = checkpoint.config.latent_multiple
-    if any(side % multiple for target in settings.targets() for side in target):
+    sides = [side for target in settings.targets() for side in target]
+    if settings.format == "kohya" and settings.buckets and settings.bucket_no_upscale:
+        sides.append(settings.steps)  # (each image's bucket is its size rounded down to the step)
+    if any(side % multiple for side in sides):
         raise ValueError(f"resolution {settings.resolution}: image sides must be multiples of {multiple} px for the "
-                         f"latents of this VAE ({checkpoint.config.family or 'family unknown'})")
+                         f"latents of this VAE ({family or 'family unknown'})")
     if check_memory is not None:
         check_memory(checkpoint.config, settings, len(items))
     config = checkpoint.config.to_diffusers()
@@ -170,10 +236,16 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
         "latents": "mean and logvar (clamped to [-30, 20]) of the VAE posterior, stored as " + settings.store_dtype,
         "inputs": {"identified_by": INPUT_IDS},
     }
+    written = _written_files(store)
     _check_output(store, manifest, resume, overwrite)
+    if overwrite:
+        for path in written:
+            path.unlink(missing_ok=True)
+    if settings.format == "kohya":
+        _check_kohya_caches(items, settings.arch, set(written), overwrite)
     write_json(store, MANIFEST, manifest)
     store_bytes = STORE_DTYPES[settings.store_dtype].itemsize
-    latent_bytes = 2 * checkpoint.config.latent_channels * (settings.resolution // 8) ** 2 * store_bytes
+    latent_bytes = 2 * checkpoint.config.latent_channels * settings.size[0] * settings.size[1] // 64 * store_bytes
     per_shard = shard_size or max(1, SHARD_BYTES // (latent_bytes * (2 if settings.flip else 1)))
     shards = assign_shards(items, per_shard)
     todo = _shards_to_do(store, shards, settings, manifest["settings_id"])
@@ -192,6 +264,61 @@ def _refuse_shared_stems(items: list[Item]) -> None:
                              f"{printable(item.key)} ({printable(item.source)}) have the same file stem, so "
                              "musubi-tuner would give them one cache file; rename one")
         seen[stem] = item
+
+
+def _kohya_items(items: list[Item]) -> list[Item]:
+    """The inputs as image files at absolute paths (where sd-scripts finds their caches), each with a cache name of
+    its own; ValueError naming the input otherwise."""
+    seen: dict[str, Item] = {}
+    out = []
+    for item in items:
+        if item.kind != "file":
+            raise ValueError(f"--format kohya: {printable(item.source)} is a {item.kind} file; sd-scripts reads a "
+                             "latent cache beside each image file, so give image files or folders")
+        item = replace(item, source=os.path.abspath(item.source))
+        stem = os.path.splitext(item.source)[0]
+        if stem in seen:
+            raise ValueError(f"--format kohya: {printable(seen[stem].source)} and {printable(item.source)} would "
+                             f"share sd-scripts' cache file name {printable(stem)}_WxH_*.npz; rename one")
+        seen[stem] = item
+        out.append(item)
+    return out
+
+
+def _check_kohya_caches(items: list[Item], arch: str, ours: set[Path], overwrite: bool) -> None:
+    """Refuse (or with `overwrite` remove) the sd-scripts caches of `arch` beside the inputs that this output did
+    not write: sd-scripts could read one of them instead of ours. Leftover temporaries of ours go."""
+    found, partial = kohya.caches_of([item.source for item in items if item.error is None], arch)
+    for path in partial:
+        path.unlink(missing_ok=True)
+    foreign = [path for path in found if path not in ours]
+    if foreign and not overwrite:
+        shown = ", ".join(printable(str(path)) for path in foreign[:3])
+        raise ValueError(f"--format kohya: {len(foreign)} sd-scripts cache file(s) of another run lie beside the "
+                         f"images ({shown}{', ...' if len(foreign) > 3 else ''}); sd-scripts could read them instead "
+                         "of this run's: pass --overwrite to replace them")
+    for path in foreign:
+        path.unlink(missing_ok=True)
+
+
+def trainer_files(store: LocalStore, settings: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+    """The trainer's cache files that latents of `rows` were written to under `settings` (a manifest's): musubi-tuner's
+    in the output folder, sd-scripts' beside each image; none for sdvae's own format."""
+    arch = settings.get("arch")
+    if settings.get("format") == "musubi":
+        return [store.root / musubi.cache_name(row["key"], row["original_size"], arch) for row in rows]
+    if settings.get("format") == "kohya":
+        return [kohya.cache_path(row["source"], row["original_size"], arch) for row in rows if not row["flipped"]]
+    return []
+
+
+def _written_files(store: LocalStore) -> list[Path]:
+    """The trainer's cache files the output's complete shards were written to (none where it holds no dataset)."""
+    existing = read_manifest(store)
+    if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+        return []
+    return [path for index in complete_shards(store)
+            for path in trainer_files(store, existing.get("settings", {}), _rows_or_none(store, index) or [])]
 
 
 def refuse_foreign(store: LocalStore) -> dict[str, Any] | None:
@@ -241,11 +368,9 @@ def _kept(store: LocalStore, index: int, items: list[Item], settings: Settings, 
         if stored != {(item.key, item.input_id) for item in items}:
             return False
         check_shard(store, index, rows, settings_id)
-        if settings.format == "musubi":
-            for row in rows:
-                name = musubi.cache_name(row["key"], row["original_size"], settings.arch)
-                if not (store.root / name).is_file():
-                    raise ShardError(f"{store}/{name}: the musubi-tuner cache file of {row['key']} is gone")
+        for path in trainer_files(store, asdict(settings), rows):
+            if not path.is_file():
+                raise ShardError(f"{printable(str(path))}: the {settings.format} cache file of its latent is gone")
     except (ShardError, ValueError, KeyError, TypeError) as e:  # (an errors part that is not JSON records)
         log.warning("%s: encoding its %d input(s) again", e, len(items))
         return False
@@ -267,7 +392,10 @@ def _shards_to_do(store: LocalStore, shards: list[list[Item]], settings: Setting
             done.add(index)
             continue
         stale += index < len(shards)
+        rows = _rows_or_none(store, index)
         store.remove(f"metadata/{shard_name(index)}.parquet")
+        for path in trainer_files(store, asdict(settings), rows or []):
+            path.unlink(missing_ok=True)  # (ours: written with these settings; re-encoding writes them again)
     for folder in ("shards", "errors"):
         for name in store.list(folder):
             index = name.split(".")[0]
@@ -277,6 +405,13 @@ def _shards_to_do(store: LocalStore, shards: list[list[Item]], settings: Setting
     if stale:
         log.info("%d stored shard(s) no longer match their inputs or files: encoding them again", stale)
     return [index for index in range(len(shards)) if index not in done]
+
+
+def _rows_or_none(store: LocalStore, index: int) -> list[dict[str, Any]] | None:
+    try:
+        return read_shard_rows(store, index)
+    except (ShardError, ValueError, KeyError, TypeError):
+        return None
 
 
 def finish_job(job: Job) -> dict[str, int]:

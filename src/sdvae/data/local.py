@@ -45,7 +45,7 @@ class LocalEngine:
                 tensors, rows, errors = shard_encoder(shard, tally.progress.update)
                 tally.progress.update(len(errors), failed=len(errors))
                 write_shard_data(job.store, index, tensors, rows, errors, job.settings_id,
-                                 shard_encoder.format_files(tensors, rows))
+                                 shard_encoder.format_files(shard, tensors, rows, job.store.root))
                 write_shard_marker(job.store, index, rows, job.settings_id)
                 tally.done(index, len(errors))
         return tally.counts

@@ -43,12 +43,12 @@ def architecture(family: str | None, arch: str | None) -> str:
     return arch
 
 
-def check_opencv() -> None:
-    """musubi-tuner shrinks images with OpenCV: without it the pixels would not be its own."""
+def check_opencv(format: str = "musubi") -> None:
+    """The trainers shrink images with OpenCV: without it the pixels would not be theirs."""
     try:
         import cv2  # noqa: F401
     except ImportError:
-        raise ImportError("--format musubi resizes as musubi-tuner does, with OpenCV: pip install "
+        raise ImportError(f"--format {format} resizes as the trainer does, with OpenCV: pip install "
                           "'sdvae[trainers]'") from None
 
 
@@ -56,9 +56,10 @@ def _floor(n: int) -> int:
     return n - n % STEP
 
 
-def buckets(resolution: int) -> list[tuple[int, int]]:
-    """Every (width, height) bucket of about `resolution`^2 pixels, sides multiples of 16, sorted."""
-    area = resolution * resolution
+def buckets(resolution: tuple[int, int]) -> list[tuple[int, int]]:
+    """Every (width, height) bucket of about the area of `resolution` (width, height), sides multiples of 16,
+    sorted."""
+    area = resolution[0] * resolution[1]
     side = int(math.sqrt(area))
     sizes = set()
     for w in range(_floor(side // 2), side + STEP, STEP):
@@ -67,14 +68,15 @@ def buckets(resolution: int) -> list[tuple[int, int]]:
     return sorted(sizes)
 
 
-def bucket_for(size: tuple[int, int], resolution: int, enable_bucket: bool, no_upscale: bool) -> tuple[int, int]:
-    """The bucket of an image of `size` (width, height): the square without buckets; with them, its own size rounded
-    down to 16 where `no_upscale` and it is no larger than the area, else the bucket nearest its aspect ratio (the
-    first in sorted order on a tie)."""
+def bucket_for(size: tuple[int, int], resolution: tuple[int, int], enable_bucket: bool, no_upscale: bool
+               ) -> tuple[int, int]:
+    """The bucket of an image of `size` (width, height): the resolution (width, height) without buckets; with them,
+    its own size rounded down to 16 where `no_upscale` and it is no larger than the area, else the bucket nearest its
+    aspect ratio (the first in sorted order on a tie)."""
     if not enable_bucket:
-        return resolution, resolution
+        return resolution
     w, h = size
-    if no_upscale and w * h <= resolution * resolution:
+    if no_upscale and w * h <= resolution[0] * resolution[1]:
         return _floor(w), _floor(h)
     options = buckets(resolution)
     ratios = np.array([bw / bh for bw, bh in options])

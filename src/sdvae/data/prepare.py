@@ -96,14 +96,16 @@ class Prepared:
     """One training image as the encoder sees it, and where its pixels came from."""
 
     pixels: np.ndarray  # uint8 [H, W, 3]
-    original_size: tuple[int, int]  # (width, height) after EXIF orientation
+    original_size: tuple[int, int]  # (width, height) after EXIF orientation (as stored, for the trainers' formats)
     crop: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
     bucket: tuple[int, int]  # (width, height)
+    alpha: np.ndarray | None = None  # uint8 [H, W]: the alpha channel, where the format keeps it
 
 
-def target_size(width: int, height: int, resolution: int, buckets: list[tuple[int, int]] | None) -> tuple[int, int]:
-    """The (width, height) an image is cropped to: its bucket, or a `resolution` square."""
-    return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
+def target_size(width: int, height: int, size: tuple[int, int], buckets: list[tuple[int, int]] | None
+                ) -> tuple[int, int]:
+    """The (width, height) an image is cropped to: its bucket, or `size`."""
+    return nearest_bucket(width, height, buckets) if buckets else size
 
 
 def prepare(im, target: tuple[int, int], crop: str = "center", rng: random.Random | None = None) -> Prepared:

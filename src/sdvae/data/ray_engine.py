@@ -61,10 +61,11 @@ class _EncodeShards:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"shard": [], "rows": [], "failed": []}
-        for index, prepared in zip(batch["shard"], batch["prepared"]):
-            tensors, rows, errors = self.encoder(pickle.loads(prepared))
+        for index, data in zip(batch["shard"], batch["prepared"]):
+            prepared = pickle.loads(data)
+            tensors, rows, errors = self.encoder(prepared)
             write_shard_data(self.store, int(index), tensors, rows, errors, self.settings_id,
-                             self.encoder.format_files(tensors, rows))
+                             self.encoder.format_files(prepared, tensors, rows, self.store.root))
             out["shard"].append(int(index))
             out["rows"].append(json.dumps(rows))
             out["failed"].append(len(errors))
@@ -73,7 +74,7 @@ class _EncodeShards:
 
 def _decode_task_bytes(job: Job) -> int:
     """A decoding worker (Python with torch imported, ~250 MB) and its shard's pixels, twice (arrays and pickle)."""
-    return 256 * 2**20 + 2 * max(map(len, job.shards), default=1) * job.settings.resolution ** 2 * 3
+    return 256 * 2**20 + 2 * max(map(len, job.shards), default=1) * job.settings.size[0] * job.settings.size[1] * 3
 
 
 class RayEngine:

@@ -7,13 +7,16 @@ import functools
 import random
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..checkpoint.loading import load_encoder
-from . import musubi
+from ..model.scaling import LatentScaling
+from . import kohya, musubi
+from .dataset import seeded_sample
 from .job import STORE_DTYPES, Runtime, Settings
 from .prepare import ImageError, Prepared, load_rgb, make_buckets, open_image, prepare, target_size
 from .sources import Item, printable, read_images
@@ -24,35 +27,78 @@ def _buckets(resolution: int) -> list[tuple[int, int]]:
     return make_buckets(resolution)
 
 
+@functools.lru_cache(maxsize=8)
+def _kohya_buckets(settings: Settings) -> list[tuple[int, int]] | None:
+    return settings.kohya_buckets()
+
+
 def prepare_shard(items: list[Item], settings: Settings, base: str | None = None) -> list[tuple[Item, Prepared | str]]:
     """Read, decode, resize and crop a shard's images (relative sources from `base`); each comes back as its
     pixels or the reason it failed."""
-    buckets = _buckets(settings.resolution) if settings.buckets else None
+    buckets = _buckets(settings.resolution) if settings.buckets and settings.format == "sdvae" else None
     out: list[tuple[Item, Prepared | str]] = []
     for item, data in read_images(items, base):
         if isinstance(data, str):
             out.append((item, data))
             continue
+        rng = random.Random(f"{settings.seed}|{item.key}")
         try:
             if settings.format == "musubi":
-                out.append((item, _musubi_prepare(data, settings)))
-                continue
-            im = load_rgb(data, settings.max_pixels)
-            target = target_size(im.width, im.height, settings.resolution, buckets)
-            out.append((item, prepare(im, target, settings.crop, random.Random(f"{settings.seed}|{item.key}"))))
+                prepared = _musubi_prepare(data, settings)
+            elif settings.format == "kohya":
+                prepared = _kohya_prepare(data, settings, rng if settings.crop == "random" else None)
+            else:
+                im = load_rgb(data, settings.max_pixels)
+                prepared = prepare(im, target_size(im.width, im.height, settings.size, buckets), settings.crop,
+                                   rng)
+            out.append((item, prepared))
         except (ImageError, OSError) as e:
             out.append((item, str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"))
     return out
 
 
-def _musubi_prepare(data: str | bytes, settings: Settings) -> Prepared:
-    """An image as musubi-tuner's caching sees it: as stored (no EXIF rotation), RGB or RGBA, its bucket, resized
-    and cropped by its rules, the alpha channel dropped after (`sdvae.data.musubi`)."""
+def _as_stored(data: str | bytes, settings: Settings, mode: str | None):
+    """An image as the trainers read it: as stored (no EXIF rotation), converted to `mode` where it differs (None:
+    RGB or RGBA as it is)."""
     im = open_image(data, settings.max_pixels, orient=False)
-    im = im if im.mode in ("RGB", "RGBA") else im.convert("RGB")
-    bucket = musubi.bucket_for(im.size, settings.resolution, settings.buckets, settings.bucket_no_upscale)
+    wanted = mode or (im.mode if im.mode in ("RGB", "RGBA") else "RGB")
+    try:
+        return im if im.mode == wanted else im.convert(wanted)
+    except ValueError as e:
+        raise ImageError(f"cannot convert its {im.mode} pixels to {wanted}: {e}") from None
+
+
+def _nonempty(bucket: tuple[int, int], size: tuple[int, int], step: int) -> tuple[int, int]:
+    """A trainer's bucket, or ImageError where its rules leave none: without upscaling, a side under one step (or
+    for sd-scripts, shrunk to the area, rounded to none)."""
+    if 0 in bucket:
+        raise ImageError(f"{size[0]}x{size[1]}: with --bucket-no-upscale the trainer's rules leave a side of its "
+                         f"bucket under the {step}-px step, so it cannot train on it either")
+    return bucket
+
+
+def _musubi_prepare(data: str | bytes, settings: Settings) -> Prepared:
+    """An image as musubi-tuner's caching sees it: RGB or RGBA, its bucket, resized and cropped by its rules, the
+    alpha channel dropped after (`sdvae.data.musubi`)."""
+    im = _as_stored(data, settings, None)
+    bucket = _nonempty(musubi.bucket_for(im.size, settings.size, settings.buckets, settings.bucket_no_upscale),
+                       im.size, musubi.STEP)
     pixels, crop = musubi.resize_to_bucket(im, bucket)
     return Prepared(np.ascontiguousarray(pixels[..., :3]), im.size, crop, bucket)
+
+
+def _kohya_prepare(data: str | bytes, settings: Settings, rng: random.Random | None) -> Prepared:
+    """An image as sd-scripts' latent caching sees it: RGB (RGBA with --alpha-mask), its bucket, resized and
+    trimmed by its rules (`sdvae.data.kohya`), the alpha channel kept apart."""
+    im = _as_stored(data, settings, "RGBA" if settings.alpha_mask else "RGB")
+    try:
+        bucket, resized = kohya.select_bucket(im.size, settings.size, _kohya_buckets(settings), settings.steps)
+    except ZeroDivisionError:  # (sd-scripts fails on it the same way)
+        bucket = (0, 0)
+    _nonempty(bucket, im.size, settings.steps)
+    pixels, crop = kohya.resize_and_trim(np.asarray(im), bucket, resized, rng)
+    alpha = np.ascontiguousarray(pixels[..., 3]) if settings.alpha_mask else None
+    return Prepared(np.ascontiguousarray(pixels[..., :3]), im.size, crop, bucket, alpha)
 
 
 class ShardEncoder:
@@ -110,20 +156,49 @@ class ShardEncoder:
                    if not isinstance(result, str) and item.key in failed]
         return tensors, rows, errors
 
-    def format_files(self, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]]) -> dict[str, bytes]:
-        """The trainer's cache files of a shard's latents, by name in the output folder: musubi-tuner's with
-        `--format musubi`, else none."""
-        if self.settings.format != "musubi":
+    def format_files(self, prepared: list[tuple[Item, Prepared | str]], tensors: dict[str, torch.Tensor],
+                     rows: list[dict[str, Any]], root: Path) -> dict[Path, bytes]:
+        """The trainer's cache files of a shard's latents, by path: musubi-tuner's in the output folder `root`,
+        sd-scripts' beside each image; none for --format sdvae."""
+        settings, arch = self.settings, self.settings.arch
+        if settings.format == "musubi":
+            scaling = self.encoder.scaling
+            return {root / musubi.cache_name(row["key"], row["original_size"], arch):
+                    musubi.cache_file(arch, musubi.cache_latent(arch, _stored(tensors, row)[0], scaling),
+                                      row["original_size"]) for row in rows}
+        if settings.format != "kohya":
             return {}
-        arch, scaling = self.settings.arch, self.encoder.scaling
-        return {musubi.cache_name(row["key"], row["original_size"], arch):
-                musubi.cache_file(arch, musubi.cache_latent(arch, tensors[f"mean_{row['tensor']}"][row["row"]],
-                                                            scaling), row["original_size"]) for row in rows}
+        samples = {(row["key"], row["flipped"]): _kohya_latent(arch, *_stored(tensors, row), row, settings.seed,
+                                                               self.encoder.scaling) for row in rows}
+        files = {}
+        for item, result in prepared:
+            if isinstance(result, str) or (item.key, False) not in samples:
+                continue
+            files[kohya.cache_path(item.source, result.original_size, arch)] = kohya.cache_file(
+                samples[item.key, False], result.original_size, kohya.crop_ltrb(result.bucket, result.original_size),
+                arch, samples.get((item.key, True)), result.alpha)
+        return files
 
     def _encode(self, pixels: np.ndarray):
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.encoder.device, torch.float32) / 127.5 - 1.0
+        if self.settings.format == "kohya":
+            x = kohya.to_tensor(pixels).to(self.encoder.device)
+        else:
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.encoder.device, torch.float32) / 127.5 - 1.0
         with torch.no_grad():
             return self.encoder.encode(x, tile_size=self.runtime.tile_size, max_memory=self.runtime.max_memory)
+
+
+def _stored(tensors: dict[str, torch.Tensor], row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored mean and logvar a metadata row names."""
+    return tensors[f"mean_{row['tensor']}"][row["row"]], tensors[f"logvar_{row['tensor']}"][row["row"]]
+
+
+def _kohya_latent(arch: str, mean: torch.Tensor, logvar: torch.Tensor, row: dict[str, Any], seed: int,
+                  scaling: LatentScaling) -> torch.Tensor:
+    """What sd-scripts caches of a latent: a sample (the one LatentDataset gives at epoch 0), FLUX.1's shifted
+    and scaled as its autoencoder returns it."""
+    z = seeded_sample(mean, logvar, row["key"], row["flipped"], seed)
+    return scaling.scale(z[None])[0] if arch == "flux" else z
 
 
 def _pixels(prepared: Prepared, flipped: bool) -> np.ndarray:

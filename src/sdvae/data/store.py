@@ -21,12 +21,33 @@ from pathlib import Path
 log = logging.getLogger("sdvae")
 
 LOCK = ".sdvae-writer.lock"
-_TEMPORARY = re.compile(r"\..+\.\d+\.tmp")  # `.NAME.HOST.PID.tmp`, what `LocalStore.write` writes before renaming
+_TEMPORARY = re.compile(r"\..+\.\d+\.tmp")  # `.NAME.HOST.PID.tmp`, what `write_file` writes before renaming
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file name is one of the temporaries `LocalStore.write` renames into place once written."""
+    """Whether a file name is one of the temporaries `write_file` renames into place once written."""
     return _TEMPORARY.fullmatch(name) is not None
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write `data` through a temporary name in the same folder, then rename: never half a file.
+
+    A failed write removes its temporary and raises an OSError that names the file (a full disk fails in a write or
+    fsync, whose own errors name none); an interrupt mid-write (Ctrl-C, SIGTERM) removes it too."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
+        raise
 
 
 class OutputInUse(ValueError):
@@ -48,25 +69,8 @@ class LocalStore:
         return str(self.root.resolve())
 
     def write(self, name: str, data: bytes) -> None:
-        """Write `data` through a temporary name in the same folder, then rename: never half a file.
-
-        A failed write removes its temporary and raises an OSError that names the file (a full disk fails in a
-        write or fsync, whose own errors name none); an interrupt mid-write (Ctrl-C, SIGTERM) removes it too."""
-        path = self.root / name
-        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
-            raise
+        """Write `data` through a temporary name in the same folder, then rename: never half a file (`write_file`)."""
+        write_file(self.root / name, data)
 
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
