@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import cv2
@@ -159,6 +164,10 @@ def images(folder: Path) -> dict[str, tuple[int, int]]:
     for name, (w, h) in sizes.items():
         mode = "RGBA" if name == "alpha.png" else "RGB"
         Image.fromarray(rng.integers(0, 255, (h, w, len(mode)), dtype=np.uint8), mode).save(folder / name)
+    huge = np.add.outer(np.arange(2400) % 251, np.arange(3200) % 241).astype(np.uint8)  # (compresses well)
+    Image.fromarray(np.stack([huge, huge.T[:2400, :2400].repeat(2, 1)[:, :3200], 255 - huge], -1)).save(
+        folder / "huge.png")
+    sizes["huge.png"] = (3200, 2400)
     Image.fromarray(rng.integers(0, 255, (30, 50), dtype=np.uint8), "L").convert("P").save(folder / "palette.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
@@ -260,16 +269,24 @@ def test_reruns_keep_edit_and_respect_the_users_files(model, tmp_path, capsys):
     assert encode(*args) == 1  # the broken image is recorded, the others written
     assert "broken.png" in (tmp_path / "out" / "errors.jsonl").read_text()
     files = {p: p.read_bytes() for p in folder.glob("*_sd.npz")}
-    assert len(files) == 9
+    assert len(files) == 10
     assert encode(*args, "--resume") == 1 and {p: p.read_bytes() for p in folder.glob("*_sd.npz")} == files
     # an image edited since (another size): its old cache goes, the new one is written; the others are kept
     Image.fromarray(np.zeros((60, 90, 3), np.uint8)).save(folder / "wide.png")
     assert encode(*args, "--resume") == 1
     assert not (folder / "wide_0150x0100_sd.npz").exists() and (folder / "wide_0090x0060_sd.npz").is_file()
     assert (folder / "tall_0040x0064_sd.npz").read_bytes() == files[folder / "tall_0040x0064_sd.npz"]
+    # the caches of a shard a kill left incomplete (written, not yet marked) are known as ours, and written again
+    (tmp_path / "out" / "metadata" / "00000.parquet").unlink()
+    assert encode(*args, "--resume") == 1
     # a cache deleted since is written again
     (folder / "tiny_0009x0011_sd.npz").unlink()
     assert encode(*args, "--resume") == 1 and (folder / "tiny_0009x0011_sd.npz").is_file()
+    # other settings: refused, nothing touched
+    capsys.readouterr()
+    assert encode(*args[:-4], "--resolution", "128", "--shard-size", "2", "--resume") == 2
+    assert "other settings (resolution)" in capsys.readouterr().err
+    assert (folder / "tall_0040x0064_sd.npz").read_bytes() == files[folder / "tall_0040x0064_sd.npz"]
     # another run's caches beside the images: refused, named, untouched; replaced with --overwrite
     (folder / "tall_0041x0064_sd.npz").write_bytes(b"theirs")
     (folder / "exact.npz").write_bytes(b"old name")  # (sd-scripts reads {stem}.npz first for SD/SDXL)
@@ -285,6 +302,37 @@ def test_reruns_keep_edit_and_respect_the_users_files(model, tmp_path, capsys):
     assert not list(folder.glob(".*"))  # (no temporaries left)
 
 
+def test_a_killed_run_resumes_without_encoding_again(model, tmp_path):
+    """SIGKILL part way, then --resume: the complete shards' caches are kept as they are, the rest written, no
+    temporary left beside the images or in the record."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (50 + i, 70, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sdvae", "encode", str(folder), "--model", str(model), "--family", "sd15", "--output",
+           str(out), "--format", "kohya", "--resolution", "64", "--shard-size", "2", "--batch-size", "1",
+           "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metadata" / "00002.parquet").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    complete = len(list((out / "metadata").glob("*.parquet")))
+    assert 3 <= complete < 8, "the run should have been killed part way"
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for i in range(2 * complete)
+            for p in folder.glob(f"{i:02d}_*_sd.npz")}
+    assert len(kept) == 2 * complete
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"already stored {2 * complete}" in result.stdout
+    assert len(list(folder.glob("*_sd.npz"))) == 16
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept} == kept
+    assert not list(folder.glob(".*")) and not list(out.rglob(".*.tmp"))
+
+
 def test_images_sd_scripts_has_no_bucket_for_are_recorded(model, tmp_path):
     """Without upscaling, a side under one step, or a strip whose side shrinks to none, has no bucket in sd-scripts
     (its trim fails, its rounding divides by zero): each is recorded, the others are written."""
@@ -292,7 +340,7 @@ def test_images_sd_scripts_has_no_bucket_for_are_recorded(model, tmp_path):
         Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(tmp_path / name)
     assert encode(tmp_path / "tiny.png", tmp_path / "strip.png", tmp_path / "fine.png", "--model", model, "--family",
                   "sd15", "--output", tmp_path / "out", "--format", "kohya", "--resolution", "128", "--buckets",
-                  "--bucket-no-upscale", "--bucket-reso-steps", "32") == 1
+                  "--bucket-no-upscale", "--bucket-reso-steps", "32", "--min-bucket-reso", "64") == 1
     errors = (tmp_path / "out" / "errors.jsonl").read_text()
     assert "tiny.png" in errors and "strip.png" in errors and "under the 32-px step" in errors
     assert [p.name for p in tmp_path.glob("*.npz")] == ["fine_0100x0070_sd.npz"]

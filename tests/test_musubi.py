@@ -239,3 +239,79 @@ def test_a_width_and_height_resolution_is_musubis_resolution_list(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["encode", *map(str, common), "--output", str(tmp_path / "c"), "--resolution", "96,48,2"])
     assert "width,height" in capsys.readouterr().err
+
+
+def control_images(tmp_path: Path) -> tuple[Path, Path]:
+    """Images and control images named as musubi's control_directory matching reads them."""
+    imgs, ctrl = tmp_path / "imgs", tmp_path / "ctrl"
+    imgs.mkdir()
+    ctrl.mkdir()
+    rng = np.random.default_rng(5)
+
+    def save(path: Path, size: tuple[int, int]) -> None:
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+    for name, size in (("cat.png", (60, 40)), ("cat_1.png", (50, 50)), ("dog.png", (70, 30))):
+        save(imgs / name, size)
+    # cat: its own stem first, then by number (cat_1.png goes to the image cat_1, whose name is longer)
+    for name, size in (("cat_10.jpg", (40, 40)), ("cat_2.png", (64, 48)), ("cat.png", (30, 90)),
+                       ("cat_1.png", (45, 45)), ("dog_0.webp", (90, 45))):
+        save(ctrl / name, size)
+    return imgs, ctrl
+
+
+def test_control_images_are_matched_sized_and_encoded_as_musubis(tmp_path):
+    ref = flux2_reference()
+    model = tmp_path / "ae.safetensors"
+    save_file({k: v.contiguous() for k, v in bfl_file(ref.state_dict()).items()}, model)
+    imgs, ctrl = control_images(tmp_path)
+    want_controls = {"cat": ["cat.png", "cat_2.png", "cat_10.jpg"], "cat_1": ["cat_1.png"], "dog": ["dog_0.webp"]}
+    for no_resize in (False, True):
+        out = tmp_path / f"cache{no_resize}"
+        assert encode(imgs, "--model", model, "--output", out, "--format", "musubi", "--control-dir", ctrl,
+                      *(["--no-resize-control"] if no_resize else [])) == 0
+        for path in imgs.iterdir():
+            image = Image.open(path)
+            bucket = selector_bucket(image.size, 64, False)
+            tensors, _ = read(out / f"{path.stem}_{image.width:04d}x{image.height:04d}_f2d.safetensors")
+            assert len(tensors) == 1 + len(want_controls[path.stem])
+            for i, name in enumerate(want_controls[path.stem]):
+                control = Image.open(ctrl / name).convert("RGB")
+                size = (control.width - control.width % 16, control.height - control.height % 16) if no_resize \
+                    else bucket
+                x = torch.from_numpy(musubi_pixels(control, size)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+                with torch.no_grad():
+                    want = Flux2Pipeline._encode_vae_image(pipeline(ref), x, generator=None)[0]
+                key = f"latents_control_{i}_{size[1] // 16}x{size[0] // 16}_float32"
+                assert rel_err(tensors[key], want) <= 1e-5, (path.name, name)
+    # an edited control is encoded again
+    before = (out / "dog_0070x0030_f2d.safetensors").read_bytes()
+    Image.fromarray(np.zeros((45, 90, 3), np.uint8)).save(ctrl / "dog_0.webp")
+    assert encode(imgs, "--model", model, "--output", out, "--format", "musubi", "--control-dir", ctrl,
+                  "--no-resize-control", "--resume") == 0
+    assert (out / "dog_0070x0030_f2d.safetensors").read_bytes() != before
+
+
+def test_qwen_image_takes_one_control_and_what_musubi_refuses_is_refused(tmp_path, capsys):
+    model = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(wan_file(qwen_reference().state_dict()), model)
+    imgs, ctrl = control_images(tmp_path)
+    assert encode(imgs, "--model", model, "--output", tmp_path / "qi", "--format", "musubi", "--control-dir",
+                  ctrl) == 0
+    tensors, _ = read(tmp_path / "qi" / "cat_0060x0040_qi.safetensors")
+    bucket = selector_bucket((60, 40), 64, False)
+    assert sorted(tensors) == [f"latents_1x{bucket[1] // 8}x{bucket[0] // 8}_float32",
+                               f"latents_control_0_1x{bucket[1] // 8}x{bucket[0] // 8}_float32"]
+    (ctrl / "dog_0.webp").unlink()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(ctrl / "cat_x.png")
+    common = [imgs, "--model", model, "--format", "musubi"]
+    for extra, message in ((["--control-dir", ctrl], "cat_x.png matches cat but its suffix 'x' is not a number"),
+                           (["--control-dir", tmp_path / "none"], "not a folder"),
+                           (["--no-resize-control"], "give the control images with --control-dir")):
+        assert encode(*common, "--output", tmp_path / "out", *extra) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (ctrl / "cat_x.png").unlink()
+    assert encode(*common, "--output", tmp_path / "out", "--control-dir", ctrl) == 2
+    assert "no control image for 1 image(s) (dog.png)" in capsys.readouterr().err
+    assert encode(*common, "--output", tmp_path / "out", "--arch", "qil") == 2
+    assert "Qwen-Image-Layered" in capsys.readouterr().err

@@ -74,7 +74,8 @@ def _encode(args: argparse.Namespace) -> int:
                         seed=args.seed, dtype=args.dtype, store_dtype=args.store_dtype, max_pixels=args.max_pixels,
                         format=args.format, arch=args.arch, bucket_no_upscale=args.bucket_no_upscale,
                         min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
-                        bucket_reso_steps=args.bucket_reso_steps, alpha_mask=args.alpha_mask)
+                        bucket_reso_steps=args.bucket_reso_steps, alpha_mask=args.alpha_mask,
+                        control_dir=args.control_dir, no_resize_control=args.no_resize_control)
     runtime = Runtime(batch_size=args.batch_size, device=args.device, tile_size=args.tile_size,
                       max_memory=args.max_memory, compile=args.compile)
     options = ({"workers": _workers(args)} if args.engine == "local" else
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--arch", help="the trainer's name for the model: with --format musubi the architecture in "
                                        "its files (f2d, f2k4b, f2k9b, qi, qie, qil, zi; default: the VAE family's base "
                                        "model); with --format kohya it must be the family's (sd, sdxl, sd3, flux)")
+    encode.add_argument("--control-dir", metavar="DIR",
+                        help="with --format musubi: the control images (edit models' references) in DIR, matched to "
+                             "each image and stored in its cache file as musubi-tuner's control_directory does")
+    encode.add_argument("--no-resize-control", action="store_true",
+                        help="with --control-dir: controls keep their size rounded down to 16, as musubi-tuner's "
+                             "no_resize_control (default: resized and cropped to the image's bucket)")
     encode.add_argument("--buckets", action="store_true",
                         help="aspect-ratio buckets of about the resolution's area (default: one target, the "
                              "resolution); sdvae's have sides multiples of 64, the trainers' are their own")

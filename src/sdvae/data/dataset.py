@@ -77,15 +77,29 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 def write_shard_data(store: LocalStore, index: int, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]],
                      errors: list[dict[str, Any]], settings: str, files: dict[Path, bytes] | None = None) -> None:
     """Write one shard's latents and error records, and the trainer cache files made of them (`files`, by path),
-    each under a temporary name then renamed (a worker's part; the shard is not complete yet)."""
+    each under a temporary name then renamed (a worker's part; the shard is not complete yet). The latents file,
+    written first, lists the cache files: a run killed while writing them leaves them known as this output's."""
     from safetensors.torch import save
 
-    for path, data in (files or {}).items():
-        write_file(path, data)
     name = shard_name(index)
     metadata = {"settings_id": settings, "rows": rows_digest(rows)}
+    if files:
+        metadata["files"] = json.dumps(sorted(map(str, files)))
     store.write(f"shards/{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    for path, data in (files or {}).items():
+        write_file(path, data)
     write_jsonl(store, f"errors/{name}.jsonl", errors)
+
+
+def shard_files(store: LocalStore, index: int) -> list[Path] | None:
+    """The trainer cache files shard `index`'s latents file lists (complete or not), or None where it lists none
+    (written by an sdvae before it listed them) or cannot be read."""
+    try:
+        listed = (_safetensors_header(store, f"shards/{shard_name(index)}.safetensors").get("__metadata__")
+                  or {}).get("files")
+        return None if listed is None else [Path(path) for path in json.loads(listed)]
+    except (ShardError, ValueError, TypeError):
+        return None
 
 
 def write_shard_marker(store: LocalStore, index: int, rows: list[dict[str, Any]], settings: str) -> None:

@@ -35,12 +35,13 @@ from .dataset import (
     read_manifest,
     read_shard_rows,
     settings_id,
+    shard_files,
     shard_name,
     write_json,
     write_jsonl,
 )
 from .prepare import DEFAULT_MAX_PIXELS, make_buckets
-from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, list_inputs, printable
+from .sources import FOLDER_SUFFIXES, INPUT_IDS, Item, file_id, list_inputs, printable
 from .store import LocalStore
 
 log = logging.getLogger("sdvae")
@@ -77,6 +78,8 @@ class Settings:
     max_bucket_reso: int | None = None
     bucket_reso_steps: int | None = None
     alpha_mask: bool = False  # (kohya) store the alpha channel as sd-scripts' alpha_mask
+    control_dir: str | None = None  # (musubi) the folder of control images (edit models' references)
+    no_resize_control: bool = False  # (musubi) controls keep their size, rounded down to 16
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, (tuple, list)):
@@ -118,11 +121,16 @@ class Settings:
         kohya_only = given("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "alpha_mask")
         if self.format != "kohya" and kohya_only:
             raise ValueError(f"{' and '.join(kohya_only)}: sd-scripts' options, for --format kohya")
+        musubi_only = given("control_dir", "no_resize_control")
+        if self.format != "musubi" and musubi_only:
+            raise ValueError(f"{' and '.join(musubi_only)}: musubi-tuner's options, for --format musubi")
+        if self.no_resize_control and self.control_dir is None:
+            raise ValueError("--no-resize-control: give the control images with --control-dir")
         if self.format == "sdvae" and self.buckets and isinstance(self.resolution, tuple):
             raise ValueError(f"resolution {self.resolution}: sdvae's buckets are made around a square; give one side, "
                              "or drop --buckets")
-        if self.format == "kohya" and self.buckets and not self.bucket_no_upscale and self.resolution is not None:
-            self.kohya_range()
+        if self.format == "kohya" and self.buckets and self.resolution is not None:
+            self.kohya_range()  # (sd-scripts checks the range with no_upscale too, though it then ignores it)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -213,6 +221,9 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     if settings.format == "musubi":
         settings = replace(settings, arch=musubi.architecture(family, settings.arch))
         _refuse_shared_stems(items)
+        if settings.control_dir is not None:
+            settings = replace(settings, control_dir=os.path.abspath(settings.control_dir))
+            items = _with_controls(items, settings.control_dir, settings.arch)
     elif settings.format == "kohya":
         settings = replace(settings, arch=kohya.architecture(family, settings.arch))
         items = _kohya_items(items)
@@ -266,6 +277,15 @@ def _refuse_shared_stems(items: list[Item]) -> None:
         seen[stem] = item
 
 
+def _with_controls(items: list[Item], folder: str, arch: str) -> list[Item]:
+    """The inputs with their control images (musubi's matching), whose sizes and times join the input's identity:
+    an edited control is encoded again."""
+    found = musubi.find_controls([item.key for item in items if item.error is None], folder, arch)
+    return [replace(item, controls=tuple(found[item.key]), input_id=";".join(
+        [item.input_id, *(file_id(Path(path)) for path in found[item.key])])) if item.key in found else item
+            for item in items]
+
+
 def _kohya_items(items: list[Item]) -> list[Item]:
     """The inputs as image files at absolute paths (where sd-scripts finds their caches), each with a cache name of
     its own; ValueError naming the input otherwise."""
@@ -313,12 +333,21 @@ def trainer_files(store: LocalStore, settings: dict[str, Any], rows: list[dict[s
 
 
 def _written_files(store: LocalStore) -> list[Path]:
-    """The trainer's cache files the output's complete shards were written to (none where it holds no dataset)."""
+    """The trainer's cache files the output's shards were written to, complete or cut short by a kill (none where
+    it holds no dataset)."""
     existing = read_manifest(store)
     if not isinstance(existing, dict) or existing.get("format") != FORMAT:
         return []
-    return [path for index in complete_shards(store)
-            for path in trainer_files(store, existing.get("settings", {}), _rows_or_none(store, index) or [])]
+    indices = {int(name.split(".")[0]) for name in store.list("shards") if name.split(".")[0].isdigit()}
+    return [path for index in sorted(indices | set(complete_shards(store)))
+            for path in _shard_files(store, existing.get("settings", {}), index)]
+
+
+def _shard_files(store: LocalStore, settings: dict[str, Any], index: int) -> list[Path]:
+    """The trainer's cache files shard `index` was written to: as its latents file lists them, else (files of an
+    earlier sdvae) as its metadata rows name them under `settings`."""
+    listed = shard_files(store, index)
+    return listed if listed is not None else trainer_files(store, settings, _rows_or_none(store, index) or [])
 
 
 def refuse_foreign(store: LocalStore) -> dict[str, Any] | None:
@@ -392,14 +421,16 @@ def _shards_to_do(store: LocalStore, shards: list[list[Item]], settings: Setting
             done.add(index)
             continue
         stale += index < len(shards)
-        rows = _rows_or_none(store, index)
+        files = _shard_files(store, asdict(settings), index)
         store.remove(f"metadata/{shard_name(index)}.parquet")
-        for path in trainer_files(store, asdict(settings), rows or []):
-            path.unlink(missing_ok=True)  # (ours: written with these settings; re-encoding writes them again)
+        for path in files:
+            path.unlink(missing_ok=True)  # (ours; re-encoding writes them again)
     for folder in ("shards", "errors"):
         for name in store.list(folder):
             index = name.split(".")[0]
             if index.isdigit() and int(index) not in done:
+                for path in (shard_files(store, int(index)) or []) if folder == "shards" else []:
+                    path.unlink(missing_ok=True)  # (those a killed run wrote before the shard was complete)
                 store.remove(f"{folder}/{name}")
     store.remove_temporaries()
     if stale:

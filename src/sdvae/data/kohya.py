@@ -24,8 +24,8 @@ import torch
 # sd-scripts' name of each family it trains, its cache files' suffix (`strategy_sd.py`, `strategy_sd3.py`,
 # `strategy_flux.py`).
 ARCHITECTURES = {"sd15": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
-# SD/SDXL: sd-scripts reads `{stem}.npz` (its old name) instead where one exists, and the newest reads resolution-keyed
-# arrays first, so both key sets are written; SD3 and FLUX.1 read resolution-keyed arrays only.
+# SD/SDXL: sd-scripts reads `{stem}.npz` (its old name) instead where one exists, and plain keys (its pull request
+# #2269 reads resolution-keyed ones first), so both key sets are written; SD3 and FLUX.1 read resolution keys only.
 PLAIN_KEYS = {"sd", "sdxl"}
 # `--min/max-bucket-reso`, `--bucket-reso-steps` as sd-scripts defaults them.
 DEFAULT_MIN_BUCKET, DEFAULT_MAX_BUCKET, DEFAULT_STEPS = 256, 1024, 64

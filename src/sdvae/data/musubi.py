@@ -27,6 +27,11 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qi": ("qwenimage", "qwen_image"), "qie": ("qwenimage", "qwen_image"), "zi": ("flux", "z_image"),
 }
 DEFAULT_ARCH = {"flux2": "f2d", "qwenimage": "qi", "flux": "zi"}
+# How many control images each architecture's dataset takes per image (`ImageDataset.__init__`; None: all found),
+# and the image suffixes its `glob_images` lists (`dataset/media_utils.py` IMAGE_EXTENSIONS).
+CONTROLS = {"f2d": None, "f2k4b": None, "f2k9b": None, "qie": None, "qi": 1}
+CONTROL_SUFFIXES = {s for suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif") for s in (suffix,
+                                                                                                   suffix.upper())}
 
 
 def architecture(family: str | None, arch: str | None) -> str:
@@ -36,6 +41,9 @@ def architecture(family: str | None, arch: str | None) -> str:
             raise ValueError(f"--format musubi: musubi-tuner caches the latents of FLUX.2, Qwen-Image and Z-Image "
                              f"(the FLUX.1 VAE); this VAE is {family or 'of no known family'}")
         return DEFAULT_ARCH[family]
+    if arch == "qil":
+        raise ValueError("--arch qil: musubi-tuner caches Qwen-Image-Layered items as several RGBA layers through "
+                         "its 4-channel VAE (qwen_image_cache_latents.py); sdvae encodes one RGB image per item")
     if arch not in ARCHITECTURES:
         raise ValueError(f"--arch {arch!r}: musubi-tuner's architectures are {', '.join(ARCHITECTURES)}")
     if ARCHITECTURES[arch][0] != family:
@@ -113,6 +121,49 @@ def cache_name(key: str, original_size: tuple[int, int], arch: str) -> str:
     return f"{stem(key)}_{original_size[0]:04d}x{original_size[1]:04d}_{arch}.safetensors"
 
 
+def find_controls(keys: list[str], folder: str, arch: str) -> dict[str, list[str]]:
+    """The control images (paths in `folder`) of each image key, as musubi matches them (`ImageDirectoryDatasource`):
+    images with longer names first, each taking the unclaimed files named its stem then "." or "_"; its own stem
+    first, then by the number after the last "_" (ties by name), as many as `arch` takes. ValueError naming the
+    file or the images where musubi-tuner would stop."""
+    if arch not in CONTROLS:
+        raise ValueError(f"--control-dir: musubi-tuner's {arch} caches store no control images")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--control-dir {folder}: not a folder")
+    pool = {name for name in os.listdir(folder) if not name.startswith(".")
+            and os.path.splitext(name)[1] in CONTROL_SUFFIXES and os.path.isfile(os.path.join(folder, name))}
+    found: dict[str, list[str]] = {}
+    for key in sorted(keys, key=lambda k: -len(os.path.basename(k))):
+        own = stem(key)
+        matched = sorted(name for name in pool if name.startswith((own + ".", own + "_")))
+        pool -= set(matched)
+
+        def order(name: str, own: str = own) -> int:
+            base = os.path.splitext(name)[0]
+            if base == own:
+                return 0
+            digits = base.rsplit("_", 1)[-1]
+            if not digits.isdigit():
+                raise ValueError(f"--control-dir: {os.path.join(folder, name)} matches {own} but its suffix "
+                                 f"{digits!r} is not a number (musubi-tuner refuses it too)")
+            return int(digits) + 1
+
+        if matched:
+            found[key] = [os.path.join(folder, name) for name in sorted(matched, key=order)][:CONTROLS[arch]]
+    missing = [key for key in keys if key not in found]
+    if missing:
+        raise ValueError(f"--control-dir {folder}: no control image for {len(missing)} image(s) "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); musubi-tuner needs one "
+                         "for each")
+    return found
+
+
+def control_bucket(size: tuple[int, int], bucket: tuple[int, int], no_resize: bool) -> tuple[int, int]:
+    """The size a control image is resized and cropped to: the target's bucket, or with `no_resize` its own size
+    rounded down to 16."""
+    return (_floor(size[0]), _floor(size[1])) if no_resize else bucket
+
+
 def cache_latent(arch: str, mean: torch.Tensor, scaling: LatentScaling) -> torch.Tensor:
     """What musubi's caching script stores for the mean `[C, h, w]`: FLUX.2 the mean patchified and normalized by
     its bn statistics `[128, h/2, w/2]`; Qwen-Image the mean normalized per channel, with a frame axis
@@ -124,12 +175,18 @@ def cache_latent(arch: str, mean: torch.Tensor, scaling: LatentScaling) -> torch
     return scaled[:, None] if family == "qwenimage" else scaled
 
 
-def cache_file(arch: str, latent: torch.Tensor, original_size: tuple[int, int]) -> bytes:
-    """The safetensors bytes of one cache file: the tensor under `latents_{shape}_{dtype}`, and the metadata."""
+def cache_file(arch: str, latent: torch.Tensor, original_size: tuple[int, int],
+               controls: list[torch.Tensor] = ()) -> bytes:
+    """The safetensors bytes of one cache file: the tensor under `latents_{shape}_{dtype}`, each control's under
+    `latents_control_{i}_{shape}_{dtype}` (the target's dtype name), and the metadata."""
     from safetensors.torch import save
 
-    shape = "x".join(str(n) for n in latent.shape[1:])
-    name = f"latents_{'1x' if ARCHITECTURES[arch][0] == 'flux' else ''}{shape}_{str(latent.dtype)[6:]}"
+    def shape(tensor: torch.Tensor) -> str:
+        return ("1x" if ARCHITECTURES[arch][0] == "flux" else "") + "x".join(str(n) for n in tensor.shape[1:])
+
+    dtype = str(latent.dtype)[6:]
+    tensors = {f"latents_{shape(latent)}_{dtype}": latent.contiguous()}
+    tensors |= {f"latents_control_{i}_{shape(c)}_{dtype}": c.contiguous() for i, c in enumerate(controls)}
     metadata = {"architecture": ARCHITECTURES[arch][1], "width": str(original_size[0]),
                 "height": str(original_size[1]), "format_version": FORMAT_VERSION}
-    return save({name: latent.contiguous()}, metadata=metadata)
+    return save(tensors, metadata=metadata)

@@ -100,6 +100,7 @@ class Prepared:
     crop: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
     bucket: tuple[int, int]  # (width, height)
     alpha: np.ndarray | None = None  # uint8 [H, W]: the alpha channel, where the format keeps it
+    controls: tuple[np.ndarray, ...] = ()  # uint8 [h, w, 3] each: the control images, where the format has them
 
 
 def target_size(width: int, height: int, size: tuple[int, int], buckets: list[tuple[int, int]] | None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable
@@ -44,7 +45,7 @@ def prepare_shard(items: list[Item], settings: Settings, base: str | None = None
         rng = random.Random(f"{settings.seed}|{item.key}")
         try:
             if settings.format == "musubi":
-                prepared = _musubi_prepare(data, settings)
+                prepared = _musubi_prepare(data, settings, item.controls, base)
             elif settings.format == "kohya":
                 prepared = _kohya_prepare(data, settings, rng if settings.crop == "random" else None)
             else:
@@ -77,14 +78,25 @@ def _nonempty(bucket: tuple[int, int], size: tuple[int, int], step: int) -> tupl
     return bucket
 
 
-def _musubi_prepare(data: str | bytes, settings: Settings) -> Prepared:
+def _musubi_prepare(data: str | bytes, settings: Settings, controls: tuple[str, ...] = (), base: str | None = None
+                    ) -> Prepared:
     """An image as musubi-tuner's caching sees it: RGB or RGBA, its bucket, resized and cropped by its rules, the
-    alpha channel dropped after (`sdvae.data.musubi`)."""
+    alpha channel dropped after (`sdvae.data.musubi`); and its control images (paths, relative ones from `base`),
+    each resized and cropped to the bucket or with --no-resize-control to its own size rounded down to 16."""
     im = _as_stored(data, settings, None)
     bucket = _nonempty(musubi.bucket_for(im.size, settings.size, settings.buckets, settings.bucket_no_upscale),
                        im.size, musubi.STEP)
     pixels, crop = musubi.resize_to_bucket(im, bucket)
-    return Prepared(np.ascontiguousarray(pixels[..., :3]), im.size, crop, bucket)
+    resized = []
+    for path in controls:
+        try:
+            control = _as_stored(os.path.join(base, path) if base else path, settings, None)
+            size = _nonempty(musubi.control_bucket(control.size, bucket, settings.no_resize_control), control.size,
+                             musubi.STEP)
+        except (ImageError, OSError) as e:
+            raise ImageError(f"its control image {printable(path)}: {e}") from None
+        resized.append(np.ascontiguousarray(musubi.resize_to_bucket(control, size)[0][..., :3]))
+    return Prepared(np.ascontiguousarray(pixels[..., :3]), im.size, crop, bucket, controls=tuple(resized))
 
 
 def _kohya_prepare(data: str | bytes, settings: Settings, rng: random.Random | None) -> Prepared:
@@ -162,10 +174,15 @@ class ShardEncoder:
         sd-scripts' beside each image; none for --format sdvae."""
         settings, arch = self.settings, self.settings.arch
         if settings.format == "musubi":
-            scaling = self.encoder.scaling
-            return {root / musubi.cache_name(row["key"], row["original_size"], arch):
-                    musubi.cache_file(arch, musubi.cache_latent(arch, _stored(tensors, row)[0], scaling),
-                                      row["original_size"]) for row in rows}
+            scaling, results = self.encoder.scaling, {item.key: result for item, result in prepared}
+            files = {}
+            for row in rows:
+                mean = _stored(tensors, row)[0]
+                controls = [musubi.cache_latent(arch, control.to(mean.dtype), scaling)
+                            for control in self._means(results[row["key"]].controls)]
+                files[root / musubi.cache_name(row["key"], row["original_size"], arch)] = musubi.cache_file(
+                    arch, musubi.cache_latent(arch, mean, scaling), row["original_size"], controls)
+            return files
         if settings.format != "kohya":
             return {}
         samples = {(row["key"], row["flipped"]): _kohya_latent(arch, *_stored(tensors, row), row, settings.seed,
@@ -178,6 +195,10 @@ class ShardEncoder:
                 samples[item.key, False], result.original_size, kohya.crop_ltrb(result.bucket, result.original_size),
                 arch, samples.get((item.key, True)), result.alpha)
         return files
+
+    def _means(self, images: tuple[np.ndarray, ...]) -> list[torch.Tensor]:
+        """The posterior means of images of any sizes, one by one (as musubi-tuner encodes control images)."""
+        return [self._encode(np.stack([image])).mean[0].cpu() for image in images]
 
     def _encode(self, pixels: np.ndarray):
         if self.settings.format == "kohya":

@@ -58,6 +58,7 @@ class Item:
     column: str | None = None
     entry: str | None = None
     error: str | None = None
+    controls: tuple[str, ...] = ()  # (musubi) control images' paths, encoded with it
 
     def record(self, error: str) -> dict[str, Any]:
         """This item's line in errors.jsonl."""
@@ -77,7 +78,7 @@ def _identity(stat_part: str, caption: str | None) -> str:
     return f"{stat_part}:{zlib.crc32((caption or '').encode()):08x}"
 
 
-def _file_id(path: Path) -> str:
+def file_id(path: Path) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
@@ -139,7 +140,7 @@ def _caption_beside(path: Path) -> str | None:
 def _file_item(key: str, path: Path) -> Item:
     caption = _caption_beside(path)
     try:
-        input_id = _identity(_file_id(path), caption)
+        input_id = _identity(file_id(path), caption)
     except OSError as e:
         return Item(key, str(path), caption, error=f"{type(e).__name__}: {e}")
     return Item(key, str(path), caption, input_id=input_id)
@@ -255,7 +256,7 @@ def _parquet_items(name: str, path: Path, image_column: str | None, caption_colu
             texts = handle.read(columns=[caption_col]).column(0).to_pylist()
         except (pa.ArrowException, OSError) as e:
             return [Item(name, str(path), kind="parquet", error=f"cannot read the caption column: {e}")]
-    stat = _file_id(path)
+    stat = file_id(path)
     captions = [None if text is None else str(text).strip() for text in texts]
     return [Item(f"{name}/{row}", str(path), caption, "parquet", _identity(stat, caption), member=row, column=image)
             for row, caption in enumerate(captions)]
