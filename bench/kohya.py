@@ -25,6 +25,7 @@ from PIL import Image
 from sdvae.data import kohya
 from sdvae.data.encode import encode_dataset
 from sdvae.data.job import Settings
+from sdvae.model.config import VaeConfig
 
 SIZES = [(512, 384), (384, 512), (640, 360), (500, 500), (300, 700), (800, 450)]
 
@@ -78,7 +79,8 @@ def main() -> None:
         from diffusers import AutoencoderKL
 
         torch.manual_seed(0)
-        AutoencoderKL().save_pretrained(tmp / "vae")  # (SD 1.5's shapes: diffusers' defaults are its widths)
+        config = VaeConfig.preset("sd15").to_diffusers()
+        AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")}).save_pretrained(tmp / "vae")
         rows = []
         for name, run in [
             ("sd-scripts-like loop, batch 1", lambda folder: sd_scripts_like(folder, tmp / "vae", resolution, 1)),
@@ -95,7 +97,9 @@ def main() -> None:
             start = time.perf_counter()
             run(folder)
             seconds = time.perf_counter() - start
-            assert len(list(folder.glob("*_sd.npz"))) == n
+            files = sorted(folder.glob("*_sd.npz"))
+            shape = np.load(files[0])["latents"].shape
+            assert len(files) == n and shape[0] == 4 and 64 * shape[1] * shape[2] <= resolution ** 2, shape
             rows.append((name, seconds))
     base = rows[0][1]
     print(f"{n} JPEGs of {len(SIZES)} sizes, SD 1.5 VAE (random weights), buckets of {resolution}^2, float32")
