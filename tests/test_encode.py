@@ -413,3 +413,13 @@ def test_a_width_and_height_resolution_crops_to_that_rectangle(model, photos, tm
                  "--resolution", "64,32", "--workers", "0"]) == 0
     item = LatentDataset(tmp_path / "out")[0]
     assert item["bucket"] == (64, 32) and item["mean"].shape == (4, 4, 8)
+
+
+def test_options_added_later_leave_the_ids_of_earlier_datasets_alone():
+    """A dataset written before the kohya and control options existed (its manifest records these settings and
+    no others) keeps its settings id, so --resume goes on with it."""
+    from sdvae.data.job import Settings
+
+    assert set(Settings().recorded()) == {"resolution", "buckets", "crop", "flip", "seed", "dtype", "store_dtype",
+                                          "max_pixels", "format", "arch", "bucket_no_upscale"}
+    assert Settings(format="kohya", alpha_mask=True).recorded()["alpha_mask"] is True

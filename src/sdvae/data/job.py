@@ -51,6 +51,11 @@ FORMATS = ("sdvae", "musubi", "kohya")
 SHARD_BYTES = 64 * 2**20
 
 
+# Settings added after the dataset format's first options, with their defaults (see `Settings.recorded`).
+LATER_OPTIONS = {"min_bucket_reso": None, "max_bucket_reso": None, "bucket_reso_steps": None, "alpha_mask": False,
+                 "control_dir": None, "no_resize_control": False}
+
+
 def check_counts(**values: int | None) -> None:
     """Refuse a count that is not a whole number of at least 1 (None stands for the default)."""
     for name, value in values.items():
@@ -131,6 +136,11 @@ class Settings:
                              "or drop --buckets")
         if self.format == "kohya" and self.buckets and self.resolution is not None:
             self.kohya_range()  # (sd-scripts checks the range with no_upscale too, though it then ignores it)
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings as the manifest records them (and their id hashes them): the options added after the
+        musubi format only where set, so a dataset written before they existed keeps its id and resumes."""
+        return {k: v for k, v in asdict(self).items() if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]}
 
     @property
     def size(self) -> tuple[int, int]:
@@ -237,7 +247,7 @@ def open_job(inputs: list[str], model: str, store: LocalStore, settings: Setting
     if check_memory is not None:
         check_memory(checkpoint.config, settings, len(items))
     config = checkpoint.config.to_diffusers()
-    shaping = {**asdict(settings), "model_sha256": file_sha256(checkpoint.path), "config": config}
+    shaping = {**settings.recorded(), "model_sha256": file_sha256(checkpoint.path), "config": config}
     manifest = {
         "format": FORMAT, "sdvae_version": __version__, "settings_id": settings_id(shaping), "settings": shaping,
         "model": {"source": str(model), "file": str(checkpoint.path.resolve()), "sha256": shaping["model_sha256"]},
