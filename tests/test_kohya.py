@@ -370,3 +370,14 @@ def test_what_sd_scripts_cannot_read_is_refused_before_writing(model, tmp_path, 
         assert encode(*extra, *common) == 2, message
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.npz"))
+
+
+def test_an_output_inside_the_image_folder_is_not_read_as_input(model, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(folder / "one.png")
+    args = [folder, "--model", model, "--family", "sd15", "--output", folder / "record", "--format", "kohya",
+            "--resolution", "64"]
+    assert encode(*args) == 0
+    assert encode(*args, "--resume") == 0  # (its Parquet metadata would otherwise be inputs sd-scripts cannot read)
+    assert [p.name for p in folder.glob("*.npz")] == ["one_0070x0050_sd.npz"]
